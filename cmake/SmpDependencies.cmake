@@ -1,0 +1,54 @@
+# Finds libtorch (from the installed Python torch unless Torch_DIR is set), MPI
+# and NCCL, and resolves SMP_USE_NCCL=AUTO to ON or OFF.
+
+find_package(Python COMPONENTS Interpreter REQUIRED)
+
+if(NOT Torch_DIR)
+  execute_process(
+    COMMAND ${Python_EXECUTABLE} -c "import torch; print(torch.utils.cmake_prefix_path)"
+    OUTPUT_VARIABLE _smp_torch_prefix OUTPUT_STRIP_TRAILING_WHITESPACE
+    RESULT_VARIABLE _smp_torch_rc)
+  if(NOT _smp_torch_rc EQUAL 0)
+    message(FATAL_ERROR "smp needs PyTorch: 'import torch' failed in ${Python_EXECUTABLE}. "
+      "Install torch (pip install torch) or set Torch_DIR to libtorch's cmake folder.")
+  endif()
+  list(APPEND CMAKE_PREFIX_PATH "${_smp_torch_prefix}")
+endif()
+find_package(Torch REQUIRED)
+find_library(TORCH_PYTHON_LIBRARY torch_python PATHS "${TORCH_INSTALL_PREFIX}/lib" NO_DEFAULT_PATH)
+
+if(SMP_USE_MPI)
+  find_package(MPI REQUIRED COMPONENTS C)
+endif()
+
+# NCCL: wanted when torch was built with CUDA.
+set(_smp_torch_cuda OFF)
+if(TARGET torch_cuda OR CUDA_FOUND OR TARGET CUDA::cudart)
+  set(_smp_torch_cuda ON)
+endif()
+if(SMP_USE_NCCL STREQUAL "AUTO" OR SMP_USE_NCCL)
+  if(_smp_torch_cuda)
+    find_package(CUDAToolkit)
+    execute_process(
+      COMMAND ${Python_EXECUTABLE} -c "import nvidia.nccl, os; print(list(nvidia.nccl.__path__)[0])"
+      OUTPUT_VARIABLE _smp_py_nccl OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+    find_path(NCCL_INCLUDE_DIR nccl.h
+      HINTS $ENV{NCCL_ROOT}/include ${NCCL_ROOT}/include ${_smp_py_nccl}/include)
+    find_library(NCCL_LIBRARY NAMES nccl libnccl.so.2
+      HINTS $ENV{NCCL_ROOT}/lib ${NCCL_ROOT}/lib ${_smp_py_nccl}/lib)
+  endif()
+  if(NCCL_INCLUDE_DIR AND NCCL_LIBRARY AND CUDAToolkit_FOUND)
+    set(SMP_USE_NCCL ON)
+    add_library(smp_nccl INTERFACE)
+    target_include_directories(smp_nccl INTERFACE ${NCCL_INCLUDE_DIR})
+    target_link_libraries(smp_nccl INTERFACE ${NCCL_LIBRARY})
+    message(STATUS "smp: NCCL backend ON (${NCCL_INCLUDE_DIR}, ${NCCL_LIBRARY})")
+  elseif(SMP_USE_NCCL STREQUAL "AUTO")
+    set(SMP_USE_NCCL OFF)
+    message(STATUS "smp: NCCL backend OFF (torch without CUDA, or nccl.h not found)")
+  else()
+    message(FATAL_ERROR "SMP_USE_NCCL=ON but torch has no CUDA or NCCL was not found; set NCCL_ROOT")
+  endif()
+else()
+  set(SMP_USE_NCCL OFF)
+endif()
