@@ -15,10 +15,15 @@ if(NOT Torch_DIR)
   list(APPEND CMAKE_PREFIX_PATH "${_smp_torch_prefix}")
 endif()
 find_package(Torch REQUIRED)
+find_package(ZLIB REQUIRED)
 find_library(TORCH_PYTHON_LIBRARY torch_python PATHS "${TORCH_INSTALL_PREFIX}/lib" NO_DEFAULT_PATH)
 
 if(SMP_USE_MPI)
   find_package(MPI REQUIRED COMPONENTS C)
+  # C API only: keep OpenMPI/MPICH headers from pulling in their C++ bindings,
+  # which C++ files that include mpi.h would otherwise need to link.
+  set_property(TARGET MPI::MPI_C APPEND PROPERTY INTERFACE_COMPILE_DEFINITIONS
+    OMPI_SKIP_MPICXX=1 MPICH_SKIP_MPICXX=1)
 endif()
 
 # NCCL: wanted when torch was built with CUDA.

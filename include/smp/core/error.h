@@ -47,6 +47,21 @@ class NotSupportedError : public Error {
   using Error::Error;
 };
 
+/// A checkpoint file that cannot be written or read: a failing system call
+/// (the message names the file, the call and the system's error text), a file
+/// that is not a checkpoint, a missing record, or a refused pickle global.
+class CheckpointError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A checkpoint file whose bytes are damaged: truncated, failing a CRC-32
+/// check, or with inconsistent ZIP or pickle structure.
+class CorruptCheckpointError : public CheckpointError {
+ public:
+  using CheckpointError::CheckpointError;
+};
+
 namespace detail {
 template <typename... Args>
 std::string str(const Args&... args) {

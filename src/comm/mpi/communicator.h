@@ -1,5 +1,8 @@
 #pragma once
 // MPI backend (host memory). Internal: users reach it through smp::communicator().
+// Every operation honours CommOptions::timeout. After a receive times out it is
+// cancelled and the communicator stays usable; after a collective times out the
+// communicator must not be used again (MPI cannot cancel a collective).
 
 #include <memory>
 #include <string>
@@ -15,9 +18,11 @@ namespace smp::mpi {
 bool launched_by_mpi();
 
 /// Initializes MPI (MPI_THREAD_MULTIPLE requested) unless already initialized,
-/// e.g. by mpi4py. Idempotent.
+/// e.g. by mpi4py. Idempotent; may be called again after finalize().
 void initialize();
-/// Finalizes MPI if initialize() started it. Idempotent.
+/// Releases what initialize() created. When initialize() started MPI, MPI_Finalize
+/// runs at process exit (MPI cannot be initialized twice in a process, and
+/// smp::shutdown() followed by smp::init() must work). Idempotent.
 void finalize();
 
 int world_rank();

@@ -1,0 +1,1 @@
+"""See smdistributed.modelparallel.torch: an alias of the ``smp`` package."""

@@ -1,0 +1,86 @@
+"""smp: a model-parallel training runtime for PyTorch with the API of the
+SageMaker model parallel library v1.
+
+    import smp
+    smp.init({"pipeline_parallel_degree": 2, "tensor_parallel_degree": 2, "ddp": True})
+    print(smp.rank(), smp.pp_rank(), smp.tp_rank(), smp.rdp_rank())
+
+``import smdistributed.modelparallel.torch as smp`` gives this same module.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension that links it)
+
+from smp import _C
+from smp._C import (
+    CommError,
+    CommGroup,
+    CommTimeoutError,
+    ConfigError,
+    NotSupportedError,
+    RankType,
+    ReduceOp,
+    SMPError,
+    StateError,
+)
+
+WORLD = CommGroup.WORLD
+PP_GROUP = CommGroup.PP_GROUP
+TP_GROUP = CommGroup.TP_GROUP
+RDP_GROUP = CommGroup.RDP_GROUP
+DP_GROUP = CommGroup.DP_GROUP
+MP_GROUP = CommGroup.MP_GROUP
+
+WORLD_RANK = RankType.WORLD_RANK
+PP_RANK = RankType.PP_RANK
+TP_RANK = RankType.TP_RANK
+RDP_RANK = RankType.RDP_RANK
+DP_RANK = RankType.DP_RANK
+MP_RANK = RankType.MP_RANK
+
+from smp._runtime import (  # noqa: E402
+    config,
+    dp_rank,
+    dp_size,
+    get_dp_group,
+    get_mp_group,
+    get_pp_group,
+    get_rdp_group,
+    get_tp_group,
+    get_world_group,
+    init,
+    is_initialized,
+    local_rank,
+    local_size,
+    mp_rank,
+    mp_size,
+    pp_rank,
+    pp_size,
+    rank,
+    rdp_rank,
+    rdp_size,
+    shutdown,
+    size,
+    tp_rank,
+    tp_size,
+)
+from smp._objects import (  # noqa: E402
+    allgather,
+    barrier,
+    broadcast,
+    dp_barrier,
+    gather,
+    mp_barrier,
+    recv_from,
+    send,
+)
+from smp.torch_dist import (  # noqa: E402
+    get_dp_process_group,
+    get_mp_process_group,
+    get_pp_process_group,
+    get_rdp_process_group,
+    get_tp_process_group,
+    get_world_process_group,
+)
+from smp import comm  # noqa: E402
+
+__version__ = _C.version()

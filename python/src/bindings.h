@@ -1,0 +1,33 @@
+#pragma once
+// Internal to the extension smp._C: one bind_* function per area, each defined
+// in the file of the same name, plus the conversions they share.
+
+#include <optional>
+
+#include <pybind11/pybind11.h>
+
+#include "smp/comm/types.h"
+#include "smp/core/config.h"
+
+namespace smp::python {
+
+/// errors.cc: the Python exception classes and the one translator of smp::Error.
+void bind_errors(pybind11::module_& m);
+/// config_topology.cc: enums, smp._C.Topology, config helpers.
+void bind_config_topology(pybind11::module_& m);
+/// runtime.cc: init/shutdown, rank and size queries, store address, build info.
+void bind_runtime(pybind11::module_& m);
+/// comm.cc: byte collectives for the object API and tensor collectives.
+void bind_comm(pybind11::module_& m);
+
+/// A Python dict of smp config keys as a ConfigMap. Values must be bool, int,
+/// float or str; others raise ConfigError naming the key and the type.
+ConfigMap to_config_map(const pybind11::dict& config);
+/// A ConfigMap as a Python dict.
+pybind11::dict to_dict(const ConfigMap& config);
+
+/// CommOptions for a call with an optional timeout in seconds (None: the
+/// default, SMP_COMM_TIMEOUT or 600 s). Raises ConfigError for timeout <= 0.
+CommOptions comm_options(const std::optional<double>& timeout_s);
+
+}  // namespace smp::python

@@ -1,0 +1,224 @@
+#!/usr/bin/env bash
+# The whole GPU suite in one call, from the repo root of a GPU machine with no
+# network: configure and build with NCCL, run ctest (the CPU MPI tests), then
+# pytest tests/python (the GPU tests under tests/python/gpu run one rank per
+# GPU under mpirun).
+#
+#   bash tests/gpu/run.sh
+#
+# Needs: python3 with torch (CUDA build; a venv works), nvidia-nccl headers and
+# library (site-packages/nvidia/nccl, found through python3), OpenMPI, GoogleTest,
+# pybind11, CMake >= 3.18, a C++17 compiler, nvcc. Never enables NVLink multicast.
+#
+# Environment:
+#   OUT                    when set, logs go there (flat): gpu_build.log,
+#                          gpu_ctest.log, gpu_pytest.log, gpu_summary.txt
+#   SMP_GPU_BUILD_DIR      build folder (default build-gpu)
+#   SMP_GPU_DEADLINE_S     wall-clock budget of the whole script in seconds
+#                          (default 560): each step runs under `timeout` with
+#                          what is left, so the summary prints in time
+#   SMP_GPU_STEPS          steps to run (default "build ctest pytest"); the
+#                          build folder persists, so a later call can run
+#                          "build pytest" (an incremental build) in its own time
+#   SMP_GPU_CTEST_JOBS     ctest -j (default 2)
+#   SMP_GPU_PYTEST_PATHS   what pytest runs (default tests/python)
+#   SMP_GPU_PYTEST_ARGS    extra pytest arguments (e.g. "-x -k nccl")
+#
+# Every step after the build runs even when an earlier one failed; the exit
+# status is non-zero when any step failed.
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$REPO" || exit 1
+
+BUILD_DIR="${SMP_GPU_BUILD_DIR:-build-gpu}"
+DEADLINE_S="${SMP_GPU_DEADLINE_S:-560}"
+CTEST_JOBS="${SMP_GPU_CTEST_JOBS:-2}"
+STEPS_WANTED=" ${SMP_GPU_STEPS:-build ctest pytest} "
+wanted() { [[ "$STEPS_WANTED" == *" $1 "* ]]; }
+START_S="$(date +%s)"
+
+if [ -n "${OUT:-}" ]; then
+  LOG_DIR="$OUT"
+else
+  LOG_DIR="$BUILD_DIR/logs"
+fi
+mkdir -p "$LOG_DIR"
+BUILD_LOG="$LOG_DIR/gpu_build.log"
+CTEST_LOG="$LOG_DIR/gpu_ctest.log"
+PYTEST_LOG="$LOG_DIR/gpu_pytest.log"
+SUMMARY="$LOG_DIR/gpu_summary.txt"
+: >"$BUILD_LOG"
+: >"$CTEST_LOG"
+: >"$PYTEST_LOG"
+
+# Never NVLink multicast (NVLS) on these machines.
+export NCCL_NVLS_ENABLE=0
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export NVSHMEM_DISABLE_NVLS=1
+export SMP_COMM_TIMEOUT="${SMP_COMM_TIMEOUT:-120}"
+export PYTHONPATH="$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
+# Many ranks on one node: one OpenMP thread each unless told otherwise.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+if [ "$(id -u)" = 0 ]; then
+  # mpirun started by ctest and by the tests themselves.
+  export OMPI_ALLOW_RUN_AS_ROOT=1
+  export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+
+STEPS=()
+RESULTS=()
+FAILED=0
+record() {  # record <step> <exit status | "skipped: why">
+  STEPS+=("$1")
+  case "$2" in
+    0) RESULTS+=("ok") ;;
+    124 | 137) RESULTS+=("FAILED (out of time, exit $2)"); FAILED=1 ;;
+    [0-9]*) RESULTS+=("FAILED (exit $2)"); FAILED=1 ;;
+    *) RESULTS+=("$2"); FAILED=1 ;;
+  esac
+}
+step() { printf '\n==> %s\n' "$*"; }
+# Seconds left of the budget (at least 0).
+left() {
+  local rest=$((DEADLINE_S - ($(date +%s) - START_S)))
+  [ "$rest" -gt 0 ] && echo "$rest" || echo 0
+}
+# bounded <log> <command...>: runs the command under the remaining budget,
+# appending its output to <log> and to stdout; returns its exit status.
+bounded() {
+  local log="$1"
+  shift
+  local rest
+  rest="$(left)"
+  if [ "$rest" -le 5 ]; then
+    echo "no time left for: $*" | tee -a "$log"
+    return 124
+  fi
+  timeout --kill-after=10 "$rest" "$@" 2>&1 | tee -a "$log"
+  return "${PIPESTATUS[0]}"
+}
+
+# ---- 0. machine ---------------------------------------------------------------
+{
+  step "machine"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi -L
+  else
+    echo "nvidia-smi: not found"
+  fi
+  python3 - <<'EOF'
+import sys
+print("python", sys.version.split()[0], sys.executable)
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda,
+          "available", torch.cuda.is_available(), "devices", torch.cuda.device_count())
+    try:
+        print("nccl (torch)", ".".join(str(v) for v in torch.cuda.nccl.version()))
+    except Exception as e:  # noqa: BLE001
+        print("nccl (torch): unavailable:", e)
+except Exception as e:  # noqa: BLE001
+    print("torch: import failed:", e)
+try:
+    import nvidia.nccl
+    print("nvidia.nccl", list(nvidia.nccl.__path__)[0])
+except Exception as e:  # noqa: BLE001
+    print("nvidia.nccl: not importable:", e)
+EOF
+  cmake --version 2>&1 | head -n 1
+  if command -v nvcc >/dev/null; then nvcc --version | tail -n 1; else echo "nvcc: not on PATH"; fi
+  if command -v mpirun >/dev/null; then mpirun --version 2>&1 | head -n 1; else echo "mpirun: not found"; fi
+  echo "NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE SMP_COMM_TIMEOUT=$SMP_COMM_TIMEOUT budget ${DEADLINE_S}s"
+} 2>&1 | tee -a "$BUILD_LOG"
+
+# ---- 1. configure and build ----------------------------------------------------
+rc=0
+if wanted build; then
+  GENERATOR="Ninja"
+  if ! command -v ninja >/dev/null; then
+    GENERATOR="Unix Makefiles"
+  fi
+  # A build folder configured with another generator cannot be reused.
+  if [ -f "$BUILD_DIR/CMakeCache.txt" ] &&
+    ! grep -qx "CMAKE_GENERATOR:INTERNAL=$GENERATOR" "$BUILD_DIR/CMakeCache.txt"; then
+    echo "removing $BUILD_DIR: configured with another generator" | tee -a "$BUILD_LOG"
+    rm -rf "$BUILD_DIR"
+    mkdir -p "$LOG_DIR"
+  fi
+  PYTHON3="$(command -v python3)"
+  step "configure ($GENERATOR, $BUILD_DIR)" | tee -a "$BUILD_LOG"
+  bounded "$BUILD_LOG" cmake -S . -B "$BUILD_DIR" -G "$GENERATOR" \
+    -DSMP_USE_NCCL=ON -DPython_EXECUTABLE="$PYTHON3"
+  rc=$?
+  if [ "$rc" -eq 0 ]; then
+    step "build (-j$(nproc))" | tee -a "$BUILD_LOG"
+    bounded "$BUILD_LOG" cmake --build "$BUILD_DIR" -j"$(nproc)"
+    rc=$?
+  fi
+  record "configure + build (SMP_USE_NCCL=ON)" "$rc"
+elif [ ! -f "$BUILD_DIR/CMakeCache.txt" ]; then
+  echo "SMP_GPU_STEPS has no build and $BUILD_DIR is not configured" | tee -a "$BUILD_LOG"
+  rc=1
+  record "configure + build" "skipped: not asked for, and no earlier build"
+fi
+
+# ---- 2. ctest --------------------------------------------------------------------
+if ! wanted ctest; then
+  :
+elif [ "$rc" -eq 0 ]; then
+  step "ctest --output-on-failure -j$CTEST_JOBS" | tee -a "$CTEST_LOG"
+  bounded "$CTEST_LOG" ctest --test-dir "$BUILD_DIR" --output-on-failure -j"$CTEST_JOBS"
+  record "ctest (C++ unit and MPI tests)" "$?"
+else
+  echo "build failed: ctest not run" | tee -a "$CTEST_LOG"
+  record "ctest (C++ unit and MPI tests)" "skipped: build failed"
+fi
+
+# ---- 3. pytest -------------------------------------------------------------------
+read -r -a PYTEST_PATHS <<<"${SMP_GPU_PYTEST_PATHS:-tests/python}"
+if ! wanted pytest; then
+  :
+elif [ "$rc" -ne 0 ]; then
+  echo "build failed: Python tests not run" | tee -a "$PYTEST_LOG"
+  record "pytest ${PYTEST_PATHS[*]}" "skipped: build failed"
+elif python3 -c 'import pytest' >/dev/null 2>&1; then
+  read -r -a EXTRA <<<"${SMP_GPU_PYTEST_ARGS:-}"
+  step "python3 -m pytest ${PYTEST_PATHS[*]} -q -rs ${EXTRA[*]:-}" | tee -a "$PYTEST_LOG"
+  bounded "$PYTEST_LOG" python3 -m pytest "${PYTEST_PATHS[@]}" -q -rs ${EXTRA[@]+"${EXTRA[@]}"}
+  record "pytest ${PYTEST_PATHS[*]}" "$?"
+else
+  # No pytest: at least the GPU scripts, as tests/python/gpu/test_nccl.py runs them.
+  echo "pytest is not installed: running tests/python/gpu/mp/*.py directly" | tee -a "$PYTEST_LOG"
+  gpus="$(python3 -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)"
+  np=$((gpus < 4 ? gpus : 4))
+  MPIRUN=(mpirun -np "$np" --oversubscribe)
+  [ "$(id -u)" = 0 ] && MPIRUN+=(--allow-run-as-root)
+  if [ "$np" -lt 2 ]; then
+    echo "fewer than 2 GPUs ($gpus): GPU scripts not run" | tee -a "$PYTEST_LOG"
+    record "GPU scripts (no pytest)" "skipped: fewer than 2 GPUs"
+  else
+    for script in tests/python/gpu/mp/*.py; do
+      step "${MPIRUN[*]} python3 $script" | tee -a "$PYTEST_LOG"
+      rest="$(left)"
+      [ "$rest" -gt 300 ] && rest=300
+      bounded "$PYTEST_LOG" timeout --kill-after=10 "$rest" "${MPIRUN[@]}" \
+        -x PYTHONPATH -x NCCL_NVLS_ENABLE -x SMP_COMM_TIMEOUT python3 "$script"
+      record "mpirun -np $np $script" "$?"
+    done
+  fi
+fi
+
+# ---- summary ------------------------------------------------------------------------
+{
+  printf '\n==> summary (%ss)\n' "$(($(date +%s) - START_S))"
+  for i in "${!STEPS[@]}"; do
+    printf '  %-48s %s\n' "${STEPS[$i]}" "${RESULTS[$i]}"
+  done
+  if [ "$FAILED" = 0 ]; then
+    printf '\nGPU suite: all steps passed\n'
+  else
+    printf '\nGPU suite: SOME STEPS FAILED (logs in %s)\n' "$LOG_DIR"
+  fi
+} | tee "$SUMMARY"
+exit "$FAILED"
