@@ -1,0 +1,67 @@
+#pragma once
+/// Forward computations of the tensor-parallel layers, shared by the Python
+/// modules (smp.nn) and the C++ modules (smp/nn/modules.h). Weights are this
+/// rank's shards; the communication is done by smp/nn/functional.h, chosen by
+/// `prescaled_batch` (see there).
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace smp::nn {
+
+/// smp's DistributedLinear: the weight [out, in] is split along the input
+/// dimension (this rank holds [out, in_shard] at offset in_offset); the bias
+/// lives on tp_rank 0 only (undefined elsewhere). x: [..., in] full features.
+at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight_shard,
+                          const std::optional<at::Tensor>& bias, std::int64_t in_offset,
+                          bool prescaled_batch);
+
+/// DistributedEmbedding. vocab_parallel=false: weight [num_embeddings,
+/// dim_shard] holds columns at dim_offset of the embedding dimension;
+/// vocab_parallel=true: weight [vocab_shard, dim] holds rows at vocab_offset.
+/// ids: integer tensor of any shape; returns [*ids.shape, dim].
+at::Tensor embedding_forward(const at::Tensor& ids, const at::Tensor& weight_shard,
+                             std::int64_t full_dim, std::int64_t offset, bool vocab_parallel,
+                             std::optional<std::int64_t> padding_idx, bool prescaled_batch);
+
+/// Weights of one transformer layer on this rank. Q/K/V and fc1 are split by
+/// output (heads / intermediate units of this rank), attention output and fc2
+/// by input; their biases: q/k/v/fc1 biases split with the weights, out/fc2
+/// biases on tp_rank 0 only. LayerNorms are replicated.
+struct TransformerWeights {
+  at::Tensor qkv_weight;  ///< [3 * local_heads * head_size, hidden] (q rows, then k, then v)
+  at::Tensor qkv_bias;    ///< [3 * local_heads * head_size]
+  at::Tensor out_weight;  ///< [hidden, local_heads * head_size]
+  std::optional<at::Tensor> out_bias;  ///< [hidden], tp_rank 0
+  at::Tensor ln1_weight, ln1_bias;     ///< [hidden]
+  at::Tensor fc1_weight;  ///< [local_intermediate, hidden]
+  at::Tensor fc1_bias;    ///< [local_intermediate]
+  at::Tensor fc2_weight;  ///< [hidden, local_intermediate]
+  std::optional<at::Tensor> fc2_bias;  ///< [hidden], tp_rank 0
+  at::Tensor ln2_weight, ln2_bias;     ///< [hidden]
+};
+
+struct TransformerOptions {
+  std::int64_t local_heads = 1;
+  std::int64_t head_size = 64;
+  double attention_dropout = 0.0;
+  double hidden_dropout = 0.0;
+  std::string activation = "gelu";  ///< "gelu" | "relu"
+  double layernorm_epsilon = 1e-5;
+  bool pre_layernorm = false;  ///< LayerNorm before attention/MLP (GPT style)
+  bool post_layernorm = true;  ///< LayerNorm after the residual adds (BERT style)
+  bool causal = false;
+  bool training = false;  ///< dropout on
+  bool prescaled_batch = false;
+};
+
+/// x: [batch, seq, hidden]; attention_mask: optional additive mask broadcastable
+/// to [batch, heads, seq, seq] (0 keep, large negative drop), per rank's batch.
+at::Tensor transformer_layer_forward(const at::Tensor& x,
+                                     const std::optional<at::Tensor>& attention_mask,
+                                     const TransformerWeights& w, const TransformerOptions& options);
+
+}  // namespace smp::nn
