@@ -147,13 +147,27 @@ if wanted build; then
     mkdir -p "$LOG_DIR"
   fi
   PYTHON3="$(command -v python3)"
+  # Build with the system compilers (the libstdc++ torch runs against). A
+  # compiler that links parts of libstdc++ statically into libsmp (seen: a
+  # wrapper in CXX on the GPU image) gives libsmp its own, uninitialised iostream
+  # state inside a Python process: the first ostringstream << int crashes.
+  # SMP_GPU_CXX / SMP_GPU_CC override.
+  SMP_CXX="${SMP_GPU_CXX:-$(command -v /usr/bin/g++ || command -v g++)}"
+  SMP_CC="${SMP_GPU_CC:-$(command -v /usr/bin/gcc || command -v gcc)}"
+  if [ -f "$BUILD_DIR/CMakeCache.txt" ] &&
+    ! grep -qx "CMAKE_CXX_COMPILER:[A-Z]*=$SMP_CXX" "$BUILD_DIR/CMakeCache.txt"; then
+    echo "removing $BUILD_DIR: configured with another compiler" | tee -a "$BUILD_LOG"
+    rm -rf "$BUILD_DIR"
+    mkdir -p "$LOG_DIR"
+  fi
   step "configure ($GENERATOR, $BUILD_DIR)" | tee -a "$BUILD_LOG"
-  bounded "$BUILD_LOG" cmake -S . -B "$BUILD_DIR" -G "$GENERATOR" \
-    -DSMP_USE_NCCL=ON -DPython_EXECUTABLE="$PYTHON3"
+  bounded "$BUILD_LOG" env CXX="$SMP_CXX" CC="$SMP_CC" cmake -S . -B "$BUILD_DIR" -G "$GENERATOR" \
+    -DSMP_USE_NCCL=ON -DPython_EXECUTABLE="$PYTHON3" \
+    -DCMAKE_CXX_COMPILER="$SMP_CXX" -DCMAKE_C_COMPILER="$SMP_CC"
   rc=$?
   if [ "$rc" -eq 0 ]; then
-    step "build (-j$(nproc))" | tee -a "$BUILD_LOG"
-    bounded "$BUILD_LOG" cmake --build "$BUILD_DIR" -j"$(nproc)"
+    step "build (-j$(getconf _NPROCESSORS_ONLN))" | tee -a "$BUILD_LOG"
+    bounded "$BUILD_LOG" cmake --build "$BUILD_DIR" -j"$(getconf _NPROCESSORS_ONLN)"
     rc=$?
   fi
   record "configure + build (SMP_USE_NCCL=ON)" "$rc"

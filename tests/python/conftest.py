@@ -84,10 +84,13 @@ def run_mpi(np, script, *args, env=None, timeout=PROCESS_TIMEOUT_S, expect_rc=0)
     return _run(cmd, full_env, timeout, expect_rc)
 
 
-def run_mpi_code(np, code, env=None, timeout=PROCESS_TIMEOUT_S, expect_rc=0):
-    """mpirun -np N python -c CODE."""
+def run_mpi_code(np, code, env=None, timeout=PROCESS_TIMEOUT_S, expect_rc=0, tag_output=False):
+    """mpirun -np N python -c CODE. With tag_output, mpirun prefixes every line
+    with "[job,rank]<stdout>:" and never joins pieces of two ranks' lines."""
     full_env = _env(env)
     cmd = mpirun_prefix(np)
+    if tag_output:
+        cmd.append("--tag-output")
     for name in dict.fromkeys(("PYTHONPATH", "SMP_COMM_TIMEOUT", *(env or {}))):
         cmd += ["-x", name]
     cmd += [sys.executable, "-c", code]

@@ -1,6 +1,8 @@
 """Rank functions and group lists under mpirun (one job per layout: MPI cannot
 be initialized twice in a process)."""
 
+import re
+
 import pytest
 
 import grid_reference as ref
@@ -31,10 +33,11 @@ def test_issue_check_np8_matches_design_table():
     code = ('import smp; smp.init({"pipeline_parallel_degree":2,"tensor_parallel_degree":2,'
             '"ddp":True}); print(smp.rank(), smp.rdp_rank(), smp.pp_rank(), smp.tp_rank(), '
             'smp.dp_rank(), smp.mp_rank())')
-    out = run_mpi_code(8, code).stdout
+    out = run_mpi_code(8, code, tag_output=True).stdout
     rows = []
     for line in out.splitlines():
-        parts = line.split()
+        m = re.match(r"^\[\d+,\d+\]<stdout>:(.*)$", line)
+        parts = m.group(1).split() if m else []
         if len(parts) == 6 and all(p.isdigit() for p in parts):
             rows.append(tuple(int(p) for p in parts))
     assert sorted(rows) == ref.DESIGN_TABLE, out

@@ -8,36 +8,33 @@
 
 #include <csignal>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <string>
 
 #include "checkpoint/zip.h"
 #include "fixtures.h"
 #include "smp/checkpoint/format.h"
+#include "test_util.h"
 #include "smp/core/error.h"
 
 namespace smp {
 namespace ckpt {
 namespace {
 
-namespace fs = std::filesystem;
 using namespace std::string_literals;
 
 class CheckpointFormat : public ::testing::Test {
  protected:
   void SetUp() override {
-    std::string pattern = (fs::temp_directory_path() / "smp-ckpt-test-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(&pattern[0]), nullptr);
-    dir_ = pattern;
+    dir_ = test::make_temp_dir("smp-ckpt-test");
+    ASSERT_FALSE(dir_.empty());
   }
   void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
+    test::remove_tree(dir_);
   }
-  std::string file(const std::string& name) const { return (dir_ / name).string(); }
+  std::string file(const std::string& name) const { return dir_ + "/" + name; }
 
-  fs::path dir_;
+  std::string dir_;
 };
 
 std::string slurp(const std::string& path) {
@@ -75,9 +72,9 @@ std::uint32_t crc_of(const at::Tensor& t) {
 TEST_F(CheckpointFormat, RoundTripsNestedObjectWithEveryDtype) {
   const Value obj = testing::everything();
   const WriteStats stats = write_file(file("all.pt"), obj);
-  EXPECT_EQ(stats.bytes, fs::file_size(file("all.pt")));
+  EXPECT_EQ(stats.bytes, test::file_size(file("all.pt")));
   EXPECT_GT(stats.tensors, 12u);
-  EXPECT_FALSE(fs::exists(file("all.pt.tmp-" + std::to_string(::getpid()))));
+  EXPECT_FALSE(test::path_exists(file("all.pt.tmp-" + std::to_string(::getpid()))));
 
   Reader r(file("all.pt"));
   EXPECT_TRUE(r.has_index());
@@ -220,7 +217,7 @@ TEST_F(CheckpointFormat, AlignmentIsConfigurable) {
   write_file(file("a64.pt"), testing::tied(), wo);
   Reader r(file("a64.pt"));
   for (const auto& e : r.index().tensors) EXPECT_EQ(e.offset % 64, 0u);
-  EXPECT_LT(fs::file_size(file("a64.pt")), 4096u);
+  EXPECT_LT(test::file_size(file("a64.pt")), 4096u);
   wo.alignment = 100;
   EXPECT_HAS(error_of([&] { write_file(file("bad.pt"), testing::tied(), wo); }),
              "WriteOptions.alignment 100");
@@ -285,7 +282,7 @@ TEST_F(CheckpointFormat, NotACheckpoint) {
   EXPECT_HAS(error_of([&] { Reader r(file("tiny")); }), "is not an smp or torch checkpoint");
   spit(file("empty"), "");
   EXPECT_HAS(error_of([&] { Reader r(file("empty")); }), "is not an smp or torch checkpoint");
-  EXPECT_HAS(error_of([&] { Reader r(dir_.string()); }), "Is a directory");
+  EXPECT_HAS(error_of([&] { Reader r(dir_); }), "Is a directory");
 }
 
 TEST_F(CheckpointFormat, MissingFile) {
@@ -301,7 +298,7 @@ TEST_F(CheckpointFormat, UnwritableDirectory) {
   EXPECT_HAS(msg, target + ".tmp-");
   EXPECT_HAS(msg, "Not a directory");
 
-  fs::create_directory(dir_ / "ro");
+  test::make_dir(dir_ + "/ro");
   ::chmod(file("ro").c_str(), 0555);
   const std::string probe = file("ro") + "/probe";
   if (FILE* f = std::fopen(probe.c_str(), "w")) {  // root writes anyway
@@ -334,14 +331,14 @@ TEST_F(CheckpointFormat, FailedWriteLeavesThePreviousFileIntact) {
 
   EXPECT_HAS(msg, "pwrite failed: File too large");
   EXPECT_EQ(slurp(file("keep.pt")), before);
-  EXPECT_FALSE(fs::exists(file("keep.pt.tmp-" + std::to_string(::getpid()))));
+  EXPECT_FALSE(test::path_exists(file("keep.pt.tmp-" + std::to_string(::getpid()))));
   EXPECT_TRUE(equal(Reader(file("keep.pt")).read_object(), old_obj));
 }
 
 TEST_F(CheckpointFormat, UnsupportedValuesNameTheirPath) {
   const Value bad_str = Value::dict({{"a", Value::list({"ok", std::string("\xff\xfe")})}});
   EXPECT_HAS(error_of([&] { write_file(file("s.pt"), bad_str); }), "the str at 'a/1' is not valid UTF-8");
-  EXPECT_FALSE(fs::exists(file("s.pt")));
+  EXPECT_FALSE(test::path_exists(file("s.pt")));
 }
 
 /// Writes a ZIP archive whose data.pkl is `pickle`, as an attacker would.
@@ -381,7 +378,7 @@ TEST_F(CheckpointFormat, RestrictedUnpicklerRefusesCode) {
   EXPECT_HAS(msg, "safe loading refuses to run code from a checkpoint; if you trust this file, "
                   "load it with weights_only=False");
   EXPECT_HAS(error_of([&] { r.index(); }), "'os system'");
-  EXPECT_FALSE(fs::exists(marker));
+  EXPECT_FALSE(test::path_exists(marker));
 
   // Same with protocol 4's STACK_GLOBAL, and an opcode that builds objects.
   write_raw_checkpoint(file("evil4.pt"), std::string("\x80\x04") + binunicode("posix") +
@@ -390,7 +387,7 @@ TEST_F(CheckpointFormat, RestrictedUnpicklerRefusesCode) {
   EXPECT_HAS(error_of([&] { Reader(file("evil4.pt")).read_object(); }), "'posix system'");
   write_raw_checkpoint(file("inst.pt"), std::string("\x80\x02") + "(ios\nsystem\nS'x'\n.");
   EXPECT_HAS(error_of([&] { Reader(file("inst.pt")).read_object(); }), "pickle opcode 0x69");
-  EXPECT_FALSE(fs::exists(marker));
+  EXPECT_FALSE(test::path_exists(marker));
 }
 
 TEST_F(CheckpointFormat, MalformedPickleIsCorruptNotACrash) {

@@ -37,7 +37,7 @@ DEVICE_TYPE = os.environ.get("NCCL_COLLECTIVES_DEVICE", "cuda")
 
 def synchronize():
     if DEVICE_TYPE == "cuda":
-        synchronize()
+        torch.cuda.synchronize()
 
 
 def layouts(world):
