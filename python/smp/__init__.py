@@ -82,5 +82,6 @@ from smp.torch_dist import (  # noqa: E402
     get_world_process_group,
 )
 from smp import comm  # noqa: E402
+from smp import nn  # noqa: E402
 
 __version__ = _C.version()

@@ -1,7 +1,6 @@
 // Communication: byte messages and collectives for the object API (pickled
 // objects), and tensor collectives over smp's groups. Every blocking call
-// releases the GIL. The only file of the extension that includes torch's
-// Python headers.
+// releases the GIL.
 
 #include <torch/extension.h>
 

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "smp/core/error.h"
@@ -20,15 +21,17 @@ CommGroup group_from(AutogradContext* ctx) {
   return static_cast<CommGroup>(ctx->saved_data["group"].toInt());
 }
 
-/// Sizes along `dim` of every member's x.
-std::vector<std::int64_t> exchange_sizes(std::int64_t mine, CommGroup group, bool on_cuda,
-                                         c10::Device device) {
+int group_rank(CommGroup group) {
+  // Members of a group are ordered by the rank type of the same index.
+  return smp::rank_of_type(static_cast<RankType>(group));
+}
+
+/// Every member's `mine` (a size along some dimension), index = group rank.
+std::vector<std::int64_t> exchange_sizes(std::int64_t mine, CommGroup group, c10::Device device) {
   auto t = at::full({1}, mine, at::TensorOptions().dtype(at::kLong).device(device));
-  at::Tensor all = smp::allgather(t, group).cpu();
-  (void)on_cuda;
-  std::vector<std::int64_t> sizes(all.numel());
-  for (std::int64_t i = 0; i < all.numel(); ++i) sizes[i] = all[i].item<std::int64_t>();
-  return sizes;
+  at::Tensor all = smp::allgather(t, group).cpu().contiguous();
+  const std::int64_t* p = all.data_ptr<std::int64_t>();
+  return std::vector<std::int64_t>(p, p + all.numel());
 }
 
 at::Tensor pad_along0(const at::Tensor& x, std::int64_t to) {
@@ -86,15 +89,14 @@ std::vector<std::int64_t> sizes_from(AutogradContext* ctx) {
 struct GatherBatch : torch::autograd::Function<GatherBatch> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t group) {
     const CommGroup g = static_cast<CommGroup>(group);
-    auto sizes = exchange_sizes(x.size(0), g, x.is_cuda(), x.device());
+    auto sizes = exchange_sizes(x.size(0), g, x.device());
     ctx->saved_data["group"] = group;
     ctx->saved_data["sizes"] = sizes;
     return gather_rows(x, sizes, g);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
     const CommGroup g = group_from(ctx);
-    return {reduce_scatter_rows(grad[0], sizes_from(ctx), smp::rank_of_type(static_cast<RankType>(g)), g),
-            at::Tensor()};
+    return {reduce_scatter_rows(grad[0], sizes_from(ctx), group_rank(g), g), at::Tensor()};
   }
 };
 
@@ -102,13 +104,13 @@ struct ReduceScatterBatch : torch::autograd::Function<ReduceScatterBatch> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t local_batch,
                             int64_t group) {
     const CommGroup g = static_cast<CommGroup>(group);
-    auto sizes = exchange_sizes(local_batch, g, x.is_cuda(), x.device());
+    auto sizes = exchange_sizes(local_batch, g, x.device());
     SMP_CHECK(sum(sizes) == x.size(0), ConfigError, "reduce_scatter_batch: the input has ",
               x.size(0), " rows but the members' batches add up to ", sum(sizes),
               " in ", to_string(g), "; pass the rows of every member's batch (gather_batch output)");
     ctx->saved_data["group"] = group;
     ctx->saved_data["sizes"] = sizes;
-    return reduce_scatter_rows(x, sizes, smp::rank_of_type(static_cast<RankType>(g)), g);
+    return reduce_scatter_rows(x, sizes, group_rank(g), g);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
     return {gather_rows(grad[0].contiguous(), sizes_from(ctx), group_from(ctx)), at::Tensor(),
@@ -117,7 +119,7 @@ struct ReduceScatterBatch : torch::autograd::Function<ReduceScatterBatch> {
 };
 
 struct ReduceFromGroup : torch::autograd::Function<ReduceFromGroup> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t group) {
+  static at::Tensor forward(AutogradContext*, const at::Tensor& x, int64_t group) {
     at::Tensor out = x.clone(at::MemoryFormat::Contiguous);
     smp::allreduce(out, static_cast<CommGroup>(group), ReduceOp::kSum);
     return out;
@@ -143,7 +145,7 @@ struct ScatterToGroup : torch::autograd::Function<ScatterToGroup> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t dim, int64_t group) {
     const CommGroup g = static_cast<CommGroup>(group);
     const int n = smp::topology().group_size(g);
-    const int r = smp::rank_of_type(static_cast<RankType>(g));
+    const int r = group_rank(g);
     const std::int64_t d = at::maybe_wrap_dim(dim, x.dim());
     ctx->saved_data["group"] = group;
     ctx->saved_data["dim"] = d;
@@ -160,24 +162,21 @@ struct GatherFromGroup : torch::autograd::Function<GatherFromGroup> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t dim, int64_t group) {
     const CommGroup g = static_cast<CommGroup>(group);
     const std::int64_t d = at::maybe_wrap_dim(dim, x.dim());
+    at::Tensor moved = x.movedim(d, 0).contiguous();
+    auto sizes = exchange_sizes(moved.size(0), g, x.device());
     ctx->saved_data["group"] = group;
     ctx->saved_data["dim"] = d;
-    ctx->saved_data["local"] = x.size(d);
-    at::Tensor out = allgather_along(x, d, g);
-    return out;
+    ctx->saved_data["sizes"] = sizes;
+    return gather_rows(moved, sizes, g).movedim(0, d).contiguous();
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
     const CommGroup g = group_from(ctx);
     const std::int64_t d = ctx->saved_data["dim"].toInt();
-    const std::int64_t local = ctx->saved_data["local"].toInt();
-    // Every member's piece has the size its forward input had; offsets follow
-    // from the members' sizes, which the forward does not keep: recompute
-    // from the gradient, whose extent along d is the sum.
-    auto sizes = exchange_sizes(local, g, grad[0].is_cuda(), grad[0].device());
-    const int r = smp::rank_of_type(static_cast<RankType>(g));
+    const auto sizes = sizes_from(ctx);
+    const int r = group_rank(g);
     std::int64_t off = 0;
     for (int i = 0; i < r; ++i) off += sizes[i];
-    return {grad[0].narrow(d, off, local), at::Tensor(), at::Tensor()};
+    return {grad[0].narrow(d, off, sizes[r]), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -186,7 +185,7 @@ struct GatherFromGroup : torch::autograd::Function<GatherFromGroup> {
 at::Tensor allgather_along(const at::Tensor& x, std::int64_t dim, CommGroup group) {
   const std::int64_t d = at::maybe_wrap_dim(dim, x.dim());
   at::Tensor moved = x.movedim(d, 0);
-  auto sizes = exchange_sizes(moved.size(0), group, x.is_cuda(), x.device());
+  auto sizes = exchange_sizes(moved.size(0), group, x.device());
   return gather_rows(moved.contiguous(), sizes, group).movedim(0, d).contiguous();
 }
 

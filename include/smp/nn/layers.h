@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -30,7 +31,9 @@ at::Tensor embedding_forward(const at::Tensor& ids, const at::Tensor& weight_sha
 /// Weights of one transformer layer on this rank. Q/K/V and fc1 are split by
 /// output (heads / intermediate units of this rank), attention output and fc2
 /// by input; their biases: q/k/v/fc1 biases split with the weights, out/fc2
-/// biases on tp_rank 0 only. LayerNorms are replicated.
+/// biases on tp_rank 0 only. LayerNorms are replicated: ln1/ln2 after the
+/// residual adds (post_layernorm), pre_ln1/pre_ln2 at the sublayers' inputs
+/// (pre_layernorm); undefined when that option is off.
 struct TransformerWeights {
   at::Tensor qkv_weight;  ///< [3 * local_heads * head_size, hidden] (q rows, then k, then v)
   at::Tensor qkv_bias;    ///< [3 * local_heads * head_size]
@@ -42,7 +45,16 @@ struct TransformerWeights {
   at::Tensor fc2_weight;  ///< [hidden, local_intermediate]
   std::optional<at::Tensor> fc2_bias;  ///< [hidden], tp_rank 0
   at::Tensor ln2_weight, ln2_bias;     ///< [hidden]
+  at::Tensor pre_ln1_weight, pre_ln1_bias;  ///< [hidden]
+  at::Tensor pre_ln2_weight, pre_ln2_bias;  ///< [hidden]
 };
+
+/// TransformerWeights from a module's local parameters named as
+/// transformer_layout (smp/nn/param_layout.h) names them; `get` returns an
+/// undefined tensor for a name this rank does not hold. Q, K and V are
+/// concatenated (differentiably) into qkv.
+TransformerWeights transformer_weights(const std::function<at::Tensor(const std::string&)>& get,
+                                       bool pre_layernorm, bool post_layernorm);
 
 struct TransformerOptions {
   std::int64_t local_heads = 1;
@@ -51,15 +63,25 @@ struct TransformerOptions {
   double hidden_dropout = 0.0;
   std::string activation = "gelu";  ///< "gelu" | "relu"
   double layernorm_epsilon = 1e-5;
-  bool pre_layernorm = false;  ///< LayerNorm before attention/MLP (GPT style)
-  bool post_layernorm = true;  ///< LayerNorm after the residual adds (BERT style)
+  /// y = x + sublayer(LN(x)) (GPT style); with post_layernorm too, the
+  /// post LayerNorm is applied to that sum.
+  bool pre_layernorm = false;
+  /// y = LN(x + sublayer(x)) (BERT style).
+  bool post_layernorm = true;
   bool causal = false;
   bool training = false;  ///< dropout on
   bool prescaled_batch = false;
 };
 
-/// x: [batch, seq, hidden]; attention_mask: optional additive mask broadcastable
-/// to [batch, heads, seq, seq] (0 keep, large negative drop), per rank's batch.
+/// x: [batch, seq, hidden]; attention_mask: optional additive float mask
+/// broadcastable to [batch, 1, seq, seq] (0 keep, large negative drop) for
+/// this rank's batch (dimension 1 may be the number of heads only when
+/// tp_size is 1). Every member of TP_GROUP passes a mask or none does.
+/// prescaled_batch off: the attention and MLP blocks each gather the TP
+/// group's batches at their input and reduce-scatter them back at their
+/// output; residual adds, LayerNorms and hidden dropout run on this rank's
+/// rows only. prescaled_batch on: the group shares the batch; hidden dropout
+/// masks are drawn on tp rank 0 and broadcast so that the replicas agree.
 at::Tensor transformer_layer_forward(const at::Tensor& x,
                                      const std::optional<at::Tensor>& attention_mask,
                                      const TransformerWeights& w, const TransformerOptions& options);

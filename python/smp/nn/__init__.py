@@ -1,0 +1,26 @@
+"""smp.nn: tensor-parallel modules (smp v1's smp.nn).
+
+    import smp
+    smp.init({"tensor_parallel_degree": 2, "ddp": True})
+    fc = smp.nn.DistributedLinear(1024, 4096)
+    emb = smp.nn.DistributedEmbedding(50000, 1024, vocab_parallel=True)
+    layer = smp.nn.DistributedTransformerLayer(num_attention_heads=16, attention_head_size=64,
+                                               hidden_size=1024, intermediate_size=4096)
+
+The communicating autograd functions the modules are built on are in
+smp.nn.functional.
+"""
+
+from smp.nn import functional
+from smp.nn.base import DistributedModule
+from smp.nn.embedding import DistributedEmbedding
+from smp.nn.linear import DistributedLinear
+from smp.nn.transformer import DistributedTransformerLayer
+
+__all__ = [
+    "DistributedModule",
+    "DistributedLinear",
+    "DistributedEmbedding",
+    "DistributedTransformerLayer",
+    "functional",
+]

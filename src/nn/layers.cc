@@ -1,0 +1,231 @@
+#include "smp/nn/layers.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <limits>
+#include <sstream>
+
+#include "smp/core/error.h"
+#include "smp/nn/functional.h"
+#include "smp/runtime.h"
+#include "smp/torch/collectives.h"
+
+namespace smp::nn {
+namespace {
+
+constexpr CommGroup kTp = CommGroup::kTpGroup;
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+/// Entry of a block whose weights are split: the TP group's rows (own batches
+/// gathered, or the shared batch).
+at::Tensor enter(const at::Tensor& x, bool prescaled_batch) {
+  if (tp_size() == 1) return x;
+  return prescaled_batch ? copy_to_group(x, kTp) : gather_batch(x, kTp);
+}
+
+/// Exit of such a block: `partial` holds this rank's partial sums for the rows
+/// of enter(); returns the summed rows of this rank's batch.
+at::Tensor leave(const at::Tensor& partial, std::int64_t local_batch, bool prescaled_batch) {
+  if (tp_size() == 1) return partial;
+  return prescaled_batch ? reduce_from_group(partial, kTp)
+                         : reduce_scatter_batch(partial, local_batch, kTp);
+}
+
+/// Non-differentiable: the TP group's rows of an integer or mask tensor.
+at::Tensor enter_nograd(const at::Tensor& x, bool prescaled_batch) {
+  if (tp_size() == 1 || prescaled_batch) return x;
+  return allgather_along(x.contiguous(), 0, kTp);
+}
+
+at::Tensor opt(const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); }
+
+}  // namespace
+
+at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight_shard,
+                          const std::optional<at::Tensor>& bias, std::int64_t in_offset,
+                          bool prescaled_batch) {
+  SMP_CHECK(weight_shard.dim() == 2, ConfigError, "DistributedLinear on tp rank ", tp_rank(),
+            ": the weight shard must be 2-D [out, in_shard], got shape ", shape_str(weight_shard));
+  SMP_CHECK(x.dim() >= 1 && in_offset >= 0 && in_offset + weight_shard.size(1) <= x.size(-1),
+            ConfigError, "DistributedLinear on tp rank ", tp_rank(), ": the input has shape ",
+            shape_str(x), " but this rank's weight shard covers input features [", in_offset,
+            ", ", in_offset + weight_shard.size(1),
+            "); pass inputs whose last dimension is in_features");
+  const at::Tensor x2 = x.dim() == 1 ? x.unsqueeze(0) : x;
+  const at::Tensor xin = enter(x2, prescaled_batch);
+  const at::Tensor y = at::linear(xin.narrow(-1, in_offset, weight_shard.size(1)), weight_shard,
+                                  opt(bias));
+  const at::Tensor out = leave(y, x2.size(0), prescaled_batch);
+  return x.dim() == 1 ? out.squeeze(0) : out;
+}
+
+at::Tensor embedding_forward(const at::Tensor& ids, const at::Tensor& weight_shard,
+                             std::int64_t full_dim, std::int64_t offset, bool vocab_parallel,
+                             std::optional<std::int64_t> padding_idx, bool prescaled_batch) {
+  SMP_CHECK(!at::isFloatingType(ids.scalar_type()) && !at::isComplexType(ids.scalar_type()),
+            ConfigError, "DistributedEmbedding: the indices must be an integer tensor, got ",
+            ids.scalar_type());
+  SMP_CHECK(weight_shard.dim() == 2, ConfigError, "DistributedEmbedding on tp rank ", tp_rank(),
+            ": the weight shard must be 2-D, got shape ", shape_str(weight_shard));
+  SMP_CHECK(prescaled_batch || tp_size() == 1 || ids.dim() >= 1, ConfigError,
+            "DistributedEmbedding: with prescaled_batch off the indices need a batch dimension "
+            "(dim 0); got a 0-d tensor");
+  const std::int64_t local_batch = ids.dim() >= 1 ? ids.size(0) : 0;
+  const at::Tensor all = enter_nograd(ids, prescaled_batch).to(at::kLong);
+
+  if (!vocab_parallel) {
+    SMP_CHECK(offset >= 0 && offset + weight_shard.size(1) <= full_dim, ConfigError,
+              "DistributedEmbedding on tp rank ", tp_rank(), ": shard columns [", offset, ", ",
+              offset + weight_shard.size(1), ") exceed embedding_dim ", full_dim);
+    const at::Tensor e = at::embedding(weight_shard, all, padding_idx.value_or(-1));
+    if (tp_size() == 1) return e;
+    if (prescaled_batch) return gather_from_group(e, -1, kTp);
+    // Place this rank's columns of every row, zero elsewhere; the sum over
+    // the group hands each rank all columns of its own rows.
+    const at::Tensor placed =
+        at::constant_pad_nd(e, {offset, full_dim - offset - weight_shard.size(1)}, 0.0);
+    return reduce_scatter_batch(placed, local_batch, kTp);
+  }
+
+  const std::int64_t rows = weight_shard.size(0);
+  const at::Tensor outside = (all < offset).logical_or(all >= offset + rows);
+  const at::Tensor local_ids = (all - offset).masked_fill(outside, 0);
+  std::int64_t local_pad = -1;
+  if (padding_idx && *padding_idx >= offset && *padding_idx < offset + rows)
+    local_pad = *padding_idx - offset;
+  const at::Tensor e =
+      at::embedding(weight_shard, local_ids, local_pad).masked_fill(outside.unsqueeze(-1), 0.0);
+  return leave(e, local_batch, prescaled_batch);
+}
+
+TransformerWeights transformer_weights(const std::function<at::Tensor(const std::string&)>& get,
+                                       bool pre_layernorm, bool post_layernorm) {
+  auto need = [&](const std::string& name) {
+    at::Tensor t = get(name);
+    SMP_CHECK(t.defined(), ConfigError, "transformer weights: parameter '", name,
+              "' is missing on tp rank ", tp_rank());
+    return t;
+  };
+  auto maybe = [&](const std::string& name) -> std::optional<at::Tensor> {
+    at::Tensor t = get(name);
+    if (t.defined()) return t;
+    return std::nullopt;
+  };
+  TransformerWeights w;
+  w.qkv_weight = at::cat({need("attention.query.weight"), need("attention.key.weight"),
+                          need("attention.value.weight")},
+                         0);
+  w.qkv_bias = at::cat(
+      {need("attention.query.bias"), need("attention.key.bias"), need("attention.value.bias")}, 0);
+  w.out_weight = need("attention.dense.weight");
+  w.out_bias = maybe("attention.dense.bias");
+  w.fc1_weight = need("output.dense1.weight");
+  w.fc1_bias = need("output.dense1.bias");
+  w.fc2_weight = need("output.dense2.weight");
+  w.fc2_bias = maybe("output.dense2.bias");
+  if (post_layernorm) {
+    w.ln1_weight = need("attention.layernorm.weight");
+    w.ln1_bias = need("attention.layernorm.bias");
+    w.ln2_weight = need("output.layernorm.weight");
+    w.ln2_bias = need("output.layernorm.bias");
+  }
+  if (pre_layernorm) {
+    w.pre_ln1_weight = need("attention.pre_layernorm.weight");
+    w.pre_ln1_bias = need("attention.pre_layernorm.bias");
+    w.pre_ln2_weight = need("output.pre_layernorm.weight");
+    w.pre_ln2_bias = need("output.pre_layernorm.bias");
+  }
+  return w;
+}
+
+at::Tensor transformer_layer_forward(const at::Tensor& x,
+                                     const std::optional<at::Tensor>& attention_mask,
+                                     const TransformerWeights& w, const TransformerOptions& o) {
+  const char* what = "DistributedTransformerLayer";
+  SMP_CHECK(x.dim() == 3, ConfigError, what, ": hidden_states must be [batch, seq, hidden], got ",
+            shape_str(x));
+  SMP_CHECK(o.pre_layernorm || o.post_layernorm, ConfigError, what,
+            ": at least one of pre_layernorm and post_layernorm must be true");
+  SMP_CHECK(o.activation == "gelu" || o.activation == "relu", ConfigError, what,
+            ": activation must be \"gelu\" or \"relu\", got \"", o.activation, "\"");
+  const std::int64_t b = x.size(0), s = x.size(1), hidden = x.size(2);
+  const std::int64_t lh = o.local_heads, hd = o.head_size;
+  SMP_CHECK(w.qkv_weight.dim() == 2 && w.qkv_weight.size(0) == 3 * lh * hd &&
+                w.qkv_weight.size(1) == hidden,
+            ConfigError, what, " on tp rank ", tp_rank(), ": qkv weight has shape ",
+            shape_str(w.qkv_weight), ", expected [", 3 * lh * hd, ", ", hidden,
+            "] for ", lh, " local heads of size ", hd, " and hidden size ", hidden,
+            " (the input's last dimension)");
+  const bool tp1 = tp_size() == 1;
+
+  std::optional<at::Tensor> mask;
+  if (attention_mask) {
+    at::Tensor m = *attention_mask;
+    SMP_CHECK(at::isFloatingType(m.scalar_type()), ConfigError, what,
+              ": attention_mask must be an additive float mask (0 keep, large negative drop), "
+              "got dtype ", m.scalar_type());
+    SMP_CHECK(m.dim() <= 4, ConfigError, what, ": attention_mask must broadcast to [batch, 1, ",
+              "seq, seq], got shape ", shape_str(m));
+    while (m.dim() < 4) m = m.unsqueeze(0);
+    SMP_CHECK(tp1 || m.size(1) == 1, ConfigError, what,
+              ": attention_mask dimension 1 must be 1 (one mask for all heads) when "
+              "tensor_parallel_degree > 1, got shape ", shape_str(m));
+    if (!tp1 && !o.prescaled_batch) {
+      m = enter_nograd(m.expand({b, m.size(1), m.size(2), m.size(3)}).contiguous(), false);
+    }
+    mask = m;
+  }
+
+  auto layer_norm = [&](const at::Tensor& t, const at::Tensor& weight, const at::Tensor& bias) {
+    return at::layer_norm(t, {hidden}, weight, bias, o.layernorm_epsilon);
+  };
+  // Hidden dropout acts on rows every TP rank holds alike when the batch is
+  // shared: the mask comes from tp rank 0 so that the replicas stay equal.
+  auto hidden_dropout = [&](const at::Tensor& t) {
+    if (!o.training || o.hidden_dropout <= 0.0) return t;
+    if (tp1 || !o.prescaled_batch) return at::dropout(t, o.hidden_dropout, true);
+    at::Tensor keep = at::empty(t.sizes(), t.options()).bernoulli_(1.0 - o.hidden_dropout);
+    smp::broadcast(keep, 0, kTp);
+    return t * keep / (1.0 - o.hidden_dropout);
+  };
+
+  // Attention: heads of this rank over the TP group's rows.
+  at::Tensor h = o.pre_layernorm ? layer_norm(x, w.pre_ln1_weight, w.pre_ln1_bias) : x;
+  at::Tensor hin = enter(h, o.prescaled_batch);
+  const std::int64_t rows = hin.size(0);
+  const at::Tensor qkv = at::linear(hin, w.qkv_weight, w.qkv_bias);
+  auto heads = [&](const at::Tensor& t) { return t.reshape({rows, s, lh, hd}).transpose(1, 2); };
+  const auto parts = qkv.split(lh * hd, -1);
+  const at::Tensor q = heads(parts[0]), k = heads(parts[1]), v = heads(parts[2]);
+  at::Tensor scores = at::matmul(q, k.transpose(-2, -1)) / std::sqrt(static_cast<double>(hd));
+  if (o.causal) {
+    const at::Tensor future =
+        at::ones({s, s}, x.options().dtype(at::kBool)).triu(1);
+    scores = scores.masked_fill(future, -std::numeric_limits<double>::infinity());
+  }
+  if (mask) scores = scores + *mask;
+  at::Tensor probs = at::softmax(scores, -1);
+  if (o.training && o.attention_dropout > 0.0) probs = at::dropout(probs, o.attention_dropout, true);
+  const at::Tensor ctx = at::matmul(probs, v).transpose(1, 2).reshape({rows, s, lh * hd});
+  const at::Tensor attn = leave(at::linear(ctx, w.out_weight, opt(w.out_bias)), b, o.prescaled_batch);
+  at::Tensor r1 = x + hidden_dropout(attn);
+  if (o.post_layernorm) r1 = layer_norm(r1, w.ln1_weight, w.ln1_bias);
+
+  // MLP: intermediate units of this rank.
+  h = o.pre_layernorm ? layer_norm(r1, w.pre_ln2_weight, w.pre_ln2_bias) : r1;
+  hin = enter(h, o.prescaled_batch);
+  at::Tensor f = at::linear(hin, w.fc1_weight, w.fc1_bias);
+  f = o.activation == "gelu" ? at::gelu(f) : at::relu(f);
+  const at::Tensor mlp = leave(at::linear(f, w.fc2_weight, opt(w.fc2_bias)), b, o.prescaled_batch);
+  at::Tensor out = r1 + hidden_dropout(mlp);
+  if (o.post_layernorm) out = layer_norm(out, w.ln2_weight, w.ln2_bias);
+  return out;
+}
+
+}  // namespace smp::nn
