@@ -150,6 +150,7 @@ TEST_F(CommitTest, PartialRoundTripsOnEveryGrid) {
       for (const auto& p : files_with_prefix(f)) {
         EXPECT_EQ(p.find(".tmp-"), std::string::npos) << p;
       }
+      mpi_barrier();  // nobody starts the next save while others still list the files
       // A second v2 save replaces the v3 checkpoint completely.
       if (rdp_rank() == 0) save(part_state(pp_rank(), tp_rank(), 0, 3), f);
       mpi_barrier();
