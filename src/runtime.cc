@@ -15,6 +15,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "comm/bootstrap.h"
+#include "runtime_store.h"
 #include "comm/gloo/communicator.h"
 #include "comm/local/communicator.h"
 #include "smp/config.h"
@@ -48,6 +49,7 @@ struct State {
   std::array<std::vector<int>, kNumCommGroups> members;
   std::string store_host;
   int store_port = 0;
+  std::string key_prefix;  ///< keys of this init in the store
   // Declared before the communicators, so destroyed after them: gloo groups
   // hold references to the store.
   c10::intrusive_ptr<c10d::Store> store;
@@ -252,6 +254,7 @@ void build(State& s, const ConfigMap& user) {
     s.ranks[t] = s.topology->rank_of_type(s.rank, static_cast<RankType>(t));
   }
   const int generation = g_generation++;
+  s.key_prefix = key_prefix(generation);
   switch (s.launch.kind) {
     case LaunchKind::kMpi:
 #if SMP_USE_MPI
@@ -406,6 +409,12 @@ Communicator& device_p2p_communicator(int peer_world_rank, int device) {
 }
 
 std::string store_host() { return state().store_host; }
+
+namespace detail {
+c10::intrusive_ptr<c10d::Store> store() { return state().store; }
+std::string store_key_prefix() { return state().key_prefix; }
+}  // namespace detail
+
 int store_port() { return state().store_port; }
 
 const char* version() { return SMP_VERSION; }

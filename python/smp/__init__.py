@@ -12,10 +12,12 @@ import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
 from smp import _C
 from smp._C import (
+    CheckpointError,
     CommError,
     CommGroup,
     CommTimeoutError,
     ConfigError,
+    CorruptCheckpointError,
     NotSupportedError,
     RankType,
     ReduceOp,
@@ -81,6 +83,7 @@ from smp.torch_dist import (  # noqa: E402
     get_tp_process_group,
     get_world_process_group,
 )
+from smp.checkpoint import load, resume_from_checkpoint, save, save_checkpoint  # noqa: E402
 from smp import comm  # noqa: E402
 from smp import nn  # noqa: E402
 

@@ -6,6 +6,8 @@
 //   smp::CommError         -> smp.CommError         (SMPError)
 //   smp::TimeoutError      -> smp.CommTimeoutError  (CommError, TimeoutError)
 //   smp::NotSupportedError -> smp.NotSupportedError (SMPError, NotImplementedError)
+//   smp::CheckpointError   -> smp.CheckpointError   (SMPError)
+//   smp::CorruptCheckpointError -> smp.CorruptCheckpointError (CheckpointError)
 
 #include <exception>
 
@@ -24,6 +26,8 @@ PyObject* g_state_error = nullptr;
 PyObject* g_comm_error = nullptr;
 PyObject* g_timeout_error = nullptr;
 PyObject* g_not_supported_error = nullptr;
+PyObject* g_checkpoint_error = nullptr;
+PyObject* g_corrupt_checkpoint_error = nullptr;
 
 PyObject* new_exception(py::module_& m, const char* name, const char* doc,
                         std::initializer_list<PyObject*> bases) {
@@ -61,6 +65,17 @@ void bind_errors(py::module_& m) {
       m, "NotSupportedError", "An operation the selected backend does not implement.",
       {g_error, PyExc_NotImplementedError});
 
+  g_checkpoint_error = new_exception(
+      m, "CheckpointError",
+      "A checkpoint that cannot be written or read: a failing system call, an incomplete, "
+      "mixed or missing part, a layout mismatch, a refused pickle global, or a collective "
+      "save whose participants did not all arrive.",
+      {g_error});
+  g_corrupt_checkpoint_error = new_exception(
+      m, "CorruptCheckpointError",
+      "A damaged checkpoint file: truncated, failing a CRC-32 check, inconsistent structure.",
+      {g_checkpoint_error});
+
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
@@ -72,6 +87,10 @@ void bind_errors(py::module_& m) {
       PyErr_SetString(g_config_error, e.what());
     } catch (const smp::StateError& e) {
       PyErr_SetString(g_state_error, e.what());
+    } catch (const smp::CorruptCheckpointError& e) {
+      PyErr_SetString(g_corrupt_checkpoint_error, e.what());
+    } catch (const smp::CheckpointError& e) {
+      PyErr_SetString(g_checkpoint_error, e.what());
     } catch (const smp::NotSupportedError& e) {
       PyErr_SetString(g_not_supported_error, e.what());
     } catch (const smp::Error& e) {

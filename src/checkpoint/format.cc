@@ -513,9 +513,11 @@ const Index& Reader::index() const {
   return impl_->derived;
 }
 
-Value Reader::read_object(const ReadOptions& options) const {
+Value Reader::read_object(const ReadOptions& options, ReadStats* stats) const {
   const Impl& im = *impl_;
+  auto t0 = std::chrono::steady_clock::now();
   const internal::Unpickled u = im.unpickle();
+  if (stats != nullptr) stats->unpickle_seconds = since(t0);
 
   // The first path that uses each storage, for error messages.
   std::vector<std::string> storage_path(u.storages.size());
@@ -526,6 +528,7 @@ Value Reader::read_object(const ReadOptions& options) const {
     leaf_paths.push_back(p);
   });
 
+  t0 = std::chrono::steady_clock::now();
   std::vector<at::Tensor> storages(u.storages.size());
   std::vector<const ZipReader::Entry*> records(u.storages.size());
   for (std::size_t i = 0; i < u.storages.size(); ++i) {
@@ -548,7 +551,12 @@ Value Reader::read_object(const ReadOptions& options) const {
   };
   for (std::size_t i : big) load(i, options.threads);
   parallel_for(little.size(), options.threads, [&](std::size_t k) { load(little[k], 1); });
+  if (stats != nullptr) {
+    stats->read_seconds = since(t0);
+    for (const auto* r : records) stats->tensor_bytes += r->size;
+  }
 
+  t0 = std::chrono::steady_clock::now();
   Value out = internal::to_value(u, storages, im.path);
 
   // Attach shard specs from the index: leaves come in the same depth-first order.
@@ -579,6 +587,7 @@ Value Reader::read_object(const ReadOptions& options) const {
     };
     attach(out);
   }
+  if (stats != nullptr) stats->build_seconds = since(t0);
   return out;
 }
 

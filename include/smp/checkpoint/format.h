@@ -121,6 +121,15 @@ struct ReadOptions {
   int threads = 4;
 };
 
+/// Where read_object spent its time.
+struct ReadStats {
+  /// Bytes of tensor records read.
+  std::uint64_t tensor_bytes = 0;
+  double unpickle_seconds = 0;  // data.pkl through the restricted unpickler
+  double read_seconds = 0;      // pread + CRC-32 of the records
+  double build_seconds = 0;     // the Value tree and shard specs
+};
+
 /// Reads smp checkpoint files and files written by torch.save (zip format).
 /// Never executes code from the file: data.pkl goes through a restricted
 /// unpickler that refuses anything but plain data, tensors and storages.
@@ -144,7 +153,8 @@ class Reader {
   const Index& index() const;
   /// The whole object, tensors materialized on the CPU; shard specs from the
   /// index are attached to the tensor leaves.
-  Value read_object(const ReadOptions& options = {}) const;
+  /// `stats`, when given, receives the time of each phase.
+  Value read_object(const ReadOptions& options = {}, ReadStats* stats = nullptr) const;
   /// Reads `length` bytes starting `offset` bytes into a contiguous tensor's
   /// data into `dst`, touching nothing else of the file. No checksum is
   /// verified (a range is not a whole record).

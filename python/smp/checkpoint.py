@@ -1,0 +1,401 @@
+"""smp.save / smp.load and smp.save_checkpoint / smp.resume_from_checkpoint.
+
+The file names are smp v1's (``<f>_<pp_rank>_<tp_rank>`` for partial files,
+``<f>_<pp_rank>_<tp_rank>_<rdp_rank>`` with sharded optimizer state); every file
+smp.save writes loads with stock ``torch.load(f, weights_only=True)``. A partial
+save is collective among its participants and becomes visible only when all
+of them wrote their part (docs/file_format.md, "Commit protocol").
+
+    if smp.rdp_rank() == 0:
+        smp.save({"model": model.local_state_dict()}, "/ckpt/model.pt", partial=True)
+    state = smp.load("/ckpt/model.pt", partial=True)
+"""
+
+import logging
+import os
+import shutil
+import time
+
+import torch
+
+from smp import _C
+from smp._C import CheckpointError
+
+logger = logging.getLogger("smp.checkpoint")
+
+# The text the restricted reader's refusals carry (src/checkpoint/pickle_reader.cc).
+_REFUSAL = "safe loading refuses to run code from a checkpoint"
+
+#: The model and optimizer resume_from_checkpoint loads into when none is
+#: passed; smp.DistributedModel / smp.DistributedOptimizer register themselves here.
+current_model = None
+current_optimizer = None
+
+#: Stats of the last smp.save / smp.load on this rank (bytes, seconds, GB/s, phases).
+last_save_stats = None
+last_load_stats = None
+
+
+def _fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _default_v3():
+    if not _C.is_initialized():
+        return False
+    return bool(_C.config().get("shard_optimizer_state", False))
+
+
+def save(obj, f, partial=True, v3=None, pickle_module=None, pickle_protocol=2, *,
+         timeout=None, _suffix=""):
+    """Saves `obj` like torch.save, under smp's names.
+
+    partial=True: collective among the participants (the caller's MP_GROUP, or
+    with v3 every rank); each writes ``<f>_<pp>_<tp>`` (v3: ``<f>_<pp>_<tp>_<rdp>``)
+    and smp.save returns only when the whole checkpoint is complete. Callers
+    with rdp_rank() > 0 hold replicas and write nothing (without v3).
+    partial=False: the caller writes `f` (atomically).
+
+    v3: None uses the config's shard_optimizer_state. Objects smp's format
+    does not hold (numpy arrays, user classes, torch.Size, ...) are written with
+    torch.save semantics under the same protocol, with a warning naming the
+    first such key; loading those needs weights_only=False or torch.load's
+    weights_only allowlist. `pickle_module` (anything but the standard pickle)
+    forces that path too. `timeout`: seconds to wait for the other participants
+    (default SMP_CHECKPOINT_TIMEOUT or 600). Returns the stats dict.
+    """
+    global last_save_stats
+    if not isinstance(f, (str, os.PathLike)):
+        raise TypeError(f"smp.save: f must be a path (str or os.PathLike), got {type(f).__name__}; "
+                        "smp.save writes one file per model-parallel rank, so it needs a name")
+    f = os.fspath(f)
+    if v3 is None:
+        v3 = _default_v3() if partial else False
+    stats = None
+    if pickle_module is None or pickle_module.__name__ == "pickle":
+        stats = _C.ckpt_save(obj, f, partial=partial, v3=bool(v3), suffix=_suffix, timeout=timeout)
+        if isinstance(stats, tuple):
+            where, what = stats
+            logger.warning(
+                "smp.save('%s'): %s at key '%s' is not a tensor, container or primitive; "
+                "writing this file with torch.save semantics (loading it needs "
+                "smp.load(..., weights_only=False) unless torch.load's weights_only allows it)",
+                f, what, where)
+            stats = None
+    if stats is None:
+        stats = _save_with_torch(obj, f, partial, bool(v3), _suffix, timeout,
+                                 pickle_module, pickle_protocol)
+    last_save_stats = stats
+    return stats
+
+
+def _save_with_torch(obj, f, partial, v3, suffix, timeout, pickle_module, pickle_protocol):
+    session = _C.SaveSession(f, partial=partial, v3=v3, suffix=suffix, timeout=timeout)
+    if session.skipped:
+        return session.commit(0)
+    tmp = session.temporary_path
+    try:
+        t0 = time.perf_counter()
+        kwargs = {"pickle_protocol": pickle_protocol}
+        if pickle_module is not None:
+            kwargs["pickle_module"] = pickle_module
+        torch.save(obj, tmp, **kwargs)
+        t1 = time.perf_counter()
+        _fsync_file(tmp)
+        t2 = time.perf_counter()
+        size = os.path.getsize(tmp)
+    except BaseException as e:
+        session.abort(f"rank {_C.rank() if _C.is_initialized() else 0} could not write "
+                      f"'{tmp}' with torch.save: {type(e).__name__}: {e}")
+        raise
+    return session.commit(size, write_seconds=t1 - t0, fsync_seconds=t2 - t1)
+
+
+def _map_tensor(t, map_location):
+    if map_location is None:
+        return t
+    if callable(map_location) and not isinstance(map_location, (str, torch.device)):
+        storage = map_location(t.untyped_storage(), "cpu")
+        if storage is None:
+            return t
+        out = torch.empty(0, dtype=t.dtype, device=storage.device)
+        out.set_(storage, t.storage_offset(), t.size(), t.stride())
+        out.requires_grad_(t.requires_grad)
+        return out
+    if isinstance(map_location, dict):
+        target = map_location.get("cpu", "cpu")
+    else:
+        target = map_location
+    target = torch.device(target)
+    return t if target.type == "cpu" else t.to(target)
+
+
+def _apply_map_location(obj, map_location, memo):
+    if isinstance(obj, torch.Tensor):
+        key = id(obj)
+        if key not in memo:
+            memo[key] = _map_tensor(obj, map_location)
+        return memo[key]
+    if isinstance(obj, dict):
+        for k in list(obj.keys()):
+            obj[k] = _apply_map_location(obj[k], map_location, memo)
+        return obj
+    if isinstance(obj, list):
+        for i, x in enumerate(obj):
+            obj[i] = _apply_map_location(x, map_location, memo)
+        return obj
+    if isinstance(obj, tuple):
+        return type(obj)(_apply_map_location(x, map_location, memo) for x in obj)
+    return obj
+
+
+def load(f, partial=True, map_location=None, weights_only=True, *, verify_checksums=True,
+         back_compat=False):
+    """Loads what smp.save wrote (or torch.save under smp's names).
+
+    partial=True: this rank's part, ``<f>_<pp>_<tp>_<rdp>`` or ``<f>_<pp>_<tp>``
+    (also with ".pt" after the ranks, and with f's ".pt" added or removed),
+    checked against the manifest: an incomplete or mixed checkpoint, a missing
+    part or another pp/tp layout raise smp.CheckpointError.
+    weights_only=True (default) never runs code from the file: anything but
+    tensors, containers and primitives (or what torch.load(weights_only=True)
+    allows) is refused with smp.CheckpointError naming the file and the global.
+    weights_only=False opts in to full unpickling (torch.load). map_location
+    as torch.load's: None/"cpu" (tensors load on the CPU), a device, a dict
+    {"cpu": device}, or a callable (storage, "cpu") -> storage.
+    """
+    global last_load_stats
+    del back_compat  # smp v1's old names are among the candidates already
+    f = os.fspath(f)
+    if not weights_only:
+        path, stats = _C.ckpt_resolve(f, partial=partial)
+        t0 = time.perf_counter()
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+        stats["deserialize_seconds"] = time.perf_counter() - t0
+        stats["seconds"] = stats["open_seconds"] + stats["deserialize_seconds"]
+        last_load_stats = stats
+        return obj
+    try:
+        obj, stats = _C.ckpt_load(f, partial=partial, verify_checksums=verify_checksums)
+    except CheckpointError as e:
+        if _REFUSAL not in str(e):
+            raise
+        # Not plain data: torch's own safe unpickler may still allow it
+        # (torch.Size, dtypes, ...); it never runs code either.
+        path, stats = _C.ckpt_resolve(f, partial=partial)
+        t0 = time.perf_counter()
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as te:  # torch raises UnpicklingError for refused globals
+            raise CheckpointError(
+                f"smp.load('{f}') refused '{path}': {e}\ntorch.load(weights_only=True) refused it "
+                f"too: {str(te).splitlines()[0] if str(te) else type(te).__name__}\n"
+                "If you trust this file, load it with smp.load(..., weights_only=False)") from None
+        stats["deserialize_seconds"] = time.perf_counter() - t0
+        stats["seconds"] = stats["open_seconds"] + stats["deserialize_seconds"]
+        last_load_stats = stats
+        return obj
+    t0 = time.perf_counter()
+    obj = _apply_map_location(obj, map_location, {})
+    stats["deserialize_seconds"] += time.perf_counter() - t0
+    last_load_stats = stats
+    return obj
+
+
+# ---- save_checkpoint / resume_from_checkpoint -----------------------------------
+
+def _check_tag(tag):
+    from smp._objects import allgather
+    from smp._C import CommGroup
+
+    if not isinstance(tag, str) or not tag:
+        raise CheckpointError(f"smp.save_checkpoint: tag must be a non-empty str, got {tag!r}")
+    if "/" in tag:
+        raise CheckpointError(f"smp.save_checkpoint: tag {tag!r} contains '/'; use a plain name "
+                              "such as the step number")
+    tags = allgather(tag, CommGroup.WORLD)
+    if any(t != tags[0] for t in tags):
+        by_tag = {}
+        for r, t in enumerate(tags):
+            by_tag.setdefault(t, []).append(r)
+        detail = "; ".join(f"ranks {rs}: {t!r}" for t, rs in by_tag.items())
+        raise CheckpointError(
+            f"smp.save_checkpoint: the tag must be the same on every rank, got {detail}; "
+            "derive it from a value every rank shares (the step counter)")
+
+
+def _write_text_atomic(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fd:
+        fd.write(text)
+        fd.flush()
+        os.fsync(fd.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _layout():
+    return {
+        "world_size": _C.size(), "pp_size": _C.pp_size(), "tp_size": _C.tp_size(),
+        "rdp_size": _C.rdp_size(), "smp_version": _C.version(),
+    }
+
+
+def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_content=None,
+                    translate_if_full=True, num_kept_partial_checkpoints=None):
+    """Saves a training checkpoint (collective on all ranks), in smp v1's layout:
+
+    partial:  path/<tag>_partial/model_<pp>_<tp>.pt             (rdp_rank 0 ranks)
+              path/<tag>_partial/optimizer_states_<pp>_<tp>.pt  (rdp_rank 0 ranks), or
+              path/<tag>_partial/optimizer_states_<pp>_<tp>_<rdp>.pt (every rank, with
+              shard_optimizer_state)
+              path/<tag>_partial/user_content.pt, smp_config.pt (rank 0)
+              path/newest: "<tag>_partial" appended once the checkpoint is complete
+    full:     path/<tag> (model.state_dict(gather_to_rank0=True), rank 0),
+              path/optimizer_<tag> (optimizer.state_dict(): full and unsharded, loadable
+              by a plain torch optimizer), path/user_content_<tag>
+
+    model needs local_state_dict() / state_dict(gather_to_rank0=True) and the
+    optimizer local_state_dict() / state_dict() (smp.DistributedModel and
+    smp.DistributedOptimizer). num_kept_partial_checkpoints keeps only the
+    newest N partial checkpoints listed in `newest`.
+    """
+    from smp._objects import barrier
+
+    if model is None and optimizer is None:
+        logger.warning("smp.save_checkpoint: both model and optimizer are None; nothing saved")
+        return
+    if num_kept_partial_checkpoints is not None and num_kept_partial_checkpoints <= 0:
+        logger.warning("smp.save_checkpoint: num_kept_partial_checkpoints=%s is not positive; "
+                       "keeping every checkpoint", num_kept_partial_checkpoints)
+        num_kept_partial_checkpoints = None
+    _check_tag(tag)
+    path = os.fspath(path)
+    sharded = _default_v3()
+    if partial:
+        folder_name = f"{tag}_partial"
+        folder = os.path.join(path, folder_name)
+        os.makedirs(folder, exist_ok=True)
+        barrier()
+        if model is not None and _C.rdp_rank() == 0:
+            save(model.local_state_dict(), os.path.join(folder, "model"), partial=True, v3=False,
+                 _suffix=".pt")
+        if optimizer is not None and (sharded or _C.rdp_rank() == 0):
+            save(optimizer.local_state_dict(), os.path.join(folder, "optimizer_states"),
+                 partial=True, v3=sharded, _suffix=".pt")
+        if _C.rank() == 0:
+            if user_content is not None:
+                save(user_content, os.path.join(folder, "user_content.pt"), partial=False)
+            cfg = dict(_C.config())
+            cfg.update(_layout())
+            save(cfg, os.path.join(folder, "smp_config.pt"), partial=False)
+        barrier()
+        if _C.rank() == 0:
+            newest = os.path.join(path, "newest")
+            lines = []
+            if os.path.isfile(newest):
+                with open(newest) as fd:
+                    lines = [ln.strip() for ln in fd if ln.strip()]
+            lines = [ln for ln in lines if ln != folder_name] + [folder_name]
+            removed = []
+            if num_kept_partial_checkpoints is not None:
+                while len(lines) > num_kept_partial_checkpoints:
+                    removed.append(lines.pop(0))
+            _write_text_atomic(newest, "".join(ln + "\n" for ln in lines))
+            for old in removed:
+                old_dir = os.path.join(path, old)
+                if os.path.isdir(old_dir):
+                    shutil.rmtree(old_dir)
+        barrier()
+        return
+    os.makedirs(path, exist_ok=True)
+    barrier()
+    if model is not None and _C.rdp_rank() == 0:
+        sd = model.state_dict(gather_to_rank0=True)
+        if not translate_if_full:
+            sd["_smp_is_partial"] = False
+        if _C.rank() == 0:
+            save(sd, os.path.join(path, tag), partial=False)
+    if optimizer is not None:
+        osd = optimizer.state_dict()
+        if _C.rank() == 0:
+            save(osd, os.path.join(path, f"optimizer_{tag}"), partial=False)
+    if user_content is not None and _C.rank() == 0:
+        save(user_content, os.path.join(path, f"user_content_{tag}"), partial=False)
+    barrier()
+
+
+def resume_from_checkpoint(path, tag=None, partial=True, strict=True, load_optimizer=True,
+                           model=None, optimizer=None):
+    """Loads a checkpoint written by smp.save_checkpoint into `model` and
+    `optimizer` (collective on all ranks) and returns its user_content (or None).
+
+    tag=None (partial only) reads the last line of path/newest. A partial
+    checkpoint loads with model.load_state_dict(sd, strict=strict,
+    same_partition_load=True) when its smp_config.pt has this job's pp/tp
+    degrees (a different layout raises smp.CheckpointError: resharding is a later
+    feature); a full one with model.load_state_dict(sd, strict=strict).
+    """
+    from smp._objects import barrier
+
+    model = model if model is not None else current_model
+    optimizer = optimizer if optimizer is not None else current_optimizer
+    path = os.fspath(path)
+    if tag is None:
+        if not partial:
+            raise CheckpointError("smp.resume_from_checkpoint: a full checkpoint needs its tag; "
+                                  "pass tag=...")
+        newest = os.path.join(path, "newest")
+        if not os.path.isfile(newest):
+            raise CheckpointError(
+                f"smp.resume_from_checkpoint: '{newest}' does not exist, so there is no newest "
+                "checkpoint; pass tag=... or check the path")
+        with open(newest) as fd:
+            lines = [ln.strip() for ln in fd if ln.strip()]
+        if not lines:
+            raise CheckpointError(f"smp.resume_from_checkpoint: '{newest}' is empty; pass tag=...")
+        folder_name = lines[-1]
+    else:
+        folder_name = f"{tag}_partial" if partial else tag
+    if partial:
+        folder = os.path.join(path, folder_name)
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"smp.resume_from_checkpoint: checkpoint folder '{folder}' "
+                                  "does not exist; check path and tag")
+        cfg_file = os.path.join(folder, "smp_config.pt")
+        if os.path.isfile(cfg_file):
+            cfg = load(cfg_file, partial=False)
+            saved = (cfg.get("pp_size"), cfg.get("tp_size"))
+            if saved != (_C.pp_size(), _C.tp_size()):
+                raise CheckpointError(
+                    f"smp.resume_from_checkpoint: '{folder}' was saved with pipeline/tensor "
+                    f"parallel degrees {saved} but this job has ({_C.pp_size()}, {_C.tp_size()}); "
+                    "resharding a partial checkpoint is not supported yet; resume with the saved "
+                    "degrees or from a full checkpoint")
+        if model is not None:
+            sd = load(os.path.join(folder, "model"), partial=True)
+            model.load_state_dict(sd, strict=strict, same_partition_load=True)
+        if load_optimizer and optimizer is not None:
+            osd = load(os.path.join(folder, "optimizer_states"), partial=True)
+            optimizer.load_state_dict(osd)
+        uc = os.path.join(folder, "user_content.pt")
+    else:
+        if model is not None:
+            sd = load(os.path.join(path, folder_name), partial=False)
+            sd.pop("_smp_is_partial", None)
+            model.load_state_dict(sd, strict=strict)
+        opt_file = os.path.join(path, f"optimizer_{folder_name}")
+        if load_optimizer and optimizer is not None and os.path.isfile(opt_file):
+            optimizer.load_state_dict(load(opt_file, partial=False))
+        uc = os.path.join(path, f"user_content_{folder_name}")
+    user_content = load(uc, partial=False) if os.path.isfile(uc) else None
+    barrier()
+    return user_content

@@ -1,0 +1,139 @@
+"""Checkpoint benchmark (not a test): smp.save / smp.load (partial) against
+per-rank torch.save / torch.load of the same state, on the same disk, each
+followed by fsync so that the numbers are durable ones.
+
+    mpirun -np 2 python tests/bench/checkpoint_bench.py            # 1 GB per rank
+    SMP_BENCH_GB=0.25 SMP_BENCH_DIR=/tmp/b mpirun -np 2 python tests/bench/checkpoint_bench.py
+    torchrun --nproc_per_node 8 tests/bench/checkpoint_bench.py
+
+Environment: SMP_BENCH_GB (GB per rank, default 1), SMP_BENCH_DIR (default: a new
+directory under the system temp dir; use the disk you checkpoint to),
+SMP_BENCH_REPEAT (default 2: the best of N is reported), SMP_BENCH_DEVICE
+(cuda when available, else cpu). Rank 0 prints a table; times are the slowest
+rank's (what a collective checkpoint costs).
+"""
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+import torch
+
+import smp
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def build_state(gb, device):
+    """A model/optimizer-like state: many tensors of mixed sizes and dtypes."""
+    total = int(gb * 1e9)
+    state, used, i = {}, 0, 0
+    sizes = [64 << 20, 16 << 20, 4 << 20, 1 << 20, 256 << 10]
+    while used < total:
+        nbytes = min(sizes[i % len(sizes)], total - used)
+        dtype = torch.bfloat16 if i % 3 == 0 else torch.float32
+        n = max(1, nbytes // torch.empty(0, dtype=dtype).element_size())
+        state[f"layer{i}.weight"] = torch.randn(n, device=device).to(dtype)
+        used += n * state[f"layer{i}.weight"].element_size()
+        i += 1
+    return {"model": state, "step": 1, "meta": {"gb": gb}}, used
+
+
+def slowest(seconds):
+    return max(smp.allgather(seconds, smp.WORLD))
+
+
+def timed(fn):
+    smp.barrier()
+    t0 = time.perf_counter()
+    fn()
+    return slowest(time.perf_counter() - t0)
+
+
+def run():
+    smp.init({"ddp": True})
+    gb = float(os.environ.get("SMP_BENCH_GB", "1"))
+    repeat = int(os.environ.get("SMP_BENCH_REPEAT", "2"))
+    device = os.environ.get("SMP_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(smp.local_rank() % torch.cuda.device_count())
+    base = os.environ.get("SMP_BENCH_DIR")
+    made = base is None
+    if smp.rank() == 0:
+        if base is None:
+            base = tempfile.mkdtemp(prefix="smp_ckpt_bench_")
+        os.makedirs(base, exist_ok=True)
+    base = smp.allgather(base, smp.WORLD)[0]
+
+    state, nbytes = build_state(gb, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    r, pp, tp, rdp = smp.rank(), smp.pp_rank(), smp.tp_rank(), smp.rdp_rank()
+    smp_f = os.path.join(base, "smp_ckpt")
+    torch_f = os.path.join(base, f"torch_ckpt_{r}.pt")
+    results = {k: [] for k in ("smp.save", "torch.save", "smp.load", "torch.load")}
+
+    def torch_save():
+        torch.save(state, torch_f)
+        fsync_path(torch_f)
+
+    def drop_cache(path):
+        # Best effort: ask the kernel to forget the file's pages so that loads read the disk.
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        except (OSError, AttributeError):
+            pass
+
+    for _ in range(repeat):
+        # v3 so that every rank writes its own file, like the per-rank torch.save.
+        results["smp.save"].append(timed(lambda: smp.save(state, smp_f, partial=True, v3=True)))
+        results["torch.save"].append(timed(torch_save))
+        drop_cache(f"{smp_f}_{pp}_{tp}_{rdp}")
+        drop_cache(torch_f)
+        results["smp.load"].append(timed(lambda: smp.load(smp_f, partial=True)))
+        results["torch.load"].append(
+            timed(lambda: torch.load(torch_f, map_location="cpu", weights_only=True)))
+
+    loaded = smp.load(smp_f, partial=True)
+    ok = all(torch.equal(loaded["model"][k], v.cpu()) for k, v in state["model"].items())
+    ok = all(smp.allgather(ok, smp.WORLD))
+    if r == 0:
+        total = nbytes * smp.size()
+        card = torch.cuda.get_device_name() if device == "cuda" else "none (CPU tensors)"
+        print(f"# smp checkpoint benchmark: {smp.size()} ranks x {nbytes / 1e9:.3f} GB "
+              f"({total / 1e9:.3f} GB total), best of {repeat}, fsync'd, slowest rank")
+        print(f"# host {platform.node()} ({os.cpu_count()} CPUs), {platform.platform()}, "
+              f"python {platform.python_version()}, torch {torch.__version__}, smp "
+              f"{smp.__version__}, device {device}, card {card}, dir {base}")
+        print(f"# loaded state equals saved state on every rank: {ok}")
+        print(f"{'operation':<12} {'seconds':>9} {'GB/s total':>11} {'GB/s per rank':>14}")
+        for name, times in results.items():
+            best = min(times)
+            print(f"{name:<12} {best:9.3f} {total / best / 1e9:11.2f} {nbytes / best / 1e9:14.2f}")
+        s = smp.checkpoint.last_save_stats
+        l = smp.checkpoint.last_load_stats
+        print(f"# rank 0 phases, last smp.save: serialize {s['serialize_seconds']:.3f} s, write "
+              f"{s['write_seconds']:.3f} s, fsync {s['fsync_seconds']:.3f} s, rendezvous "
+              f"{s['rendezvous_seconds']:.3f} s, commit {s['commit_seconds']:.3f} s")
+        print(f"# rank 0 phases, last smp.load: open/verify {l['open_seconds']:.3f} s, read "
+              f"{l['read_seconds']:.3f} s, deserialize {l['deserialize_seconds']:.3f} s")
+    smp.barrier()
+    if r == 0 and made:
+        shutil.rmtree(base, ignore_errors=True)
+    smp.shutdown()
+    if not ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    run()
