@@ -3,13 +3,16 @@
 // libtorch export their own std::filesystem symbols, which can interpose over
 // libstdc++'s in test executables and crash.
 
+#include <dirent.h>
 #include <ftw.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdint>
+#include <fstream>
 #include <string>
+#include <vector>
 
 namespace smp::test {
 
@@ -39,5 +42,29 @@ inline std::uint64_t file_size(const std::string& path) {
 }
 
 inline bool make_dir(const std::string& path) { return ::mkdir(path.c_str(), 0755) == 0; }
+
+/// Names of the entries of a directory (no "." and "..").
+inline std::vector<std::string> list_dir(const std::string& path) {
+  std::vector<std::string> out;
+  if (DIR* d = ::opendir(path.c_str())) {
+    while (struct dirent* e = ::readdir(d)) {
+      std::string n = e->d_name;
+      if (n != "." && n != "..") out.push_back(n);
+    }
+    ::closedir(d);
+  }
+  return out;
+}
+
+/// Copies a regular file; false on failure.
+inline bool copy_file(const std::string& from, const std::string& to) {
+  std::ifstream in(from, std::ios::binary);
+  std::ofstream out(to, std::ios::binary | std::ios::trunc);
+  if (!in || !out) return false;
+  out << in.rdbuf();
+  return static_cast<bool>(out);
+}
+
+inline void remove_file(const std::string& path) { ::unlink(path.c_str()); }
 
 }  // namespace smp::test

@@ -3,11 +3,12 @@
 // and partial saves of a single-process job.
 #include <gtest/gtest.h>
 
+#include "test_util.h"
+
 #include <ATen/ATen.h>
 #include <unistd.h>
 
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <string>
 
@@ -21,22 +22,19 @@ namespace smp {
 namespace ckpt {
 namespace {
 
-namespace fs = std::filesystem;
 
 class CkptDir : public ::testing::Test {
  protected:
   void SetUp() override {
-    std::string pattern = (fs::temp_directory_path() / "smp_naming_XXXXXX").string();
-    ASSERT_NE(::mkdtemp(&pattern[0]), nullptr);
-    dir_ = pattern;
+    dir_ = test::make_temp_dir("smp_naming");
+    ASSERT_FALSE(dir_.empty());
   }
   void TearDown() override {
     if (smp::is_initialized()) smp::shutdown();
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
+    test::remove_tree(dir_);
   }
-  std::string file(const std::string& name) const { return (dir_ / name).string(); }
-  fs::path dir_;
+  std::string file(const std::string& name) const { return dir_ + "/" + name; }
+  std::string dir_;
 };
 
 template <typename Fn>
@@ -87,7 +85,7 @@ TEST_F(CkptDir, FilesWithPrefixListsOnlyThatCheckpoint) {
   EXPECT_EQ(found[2], file("ck_0_1.pt"));
   EXPECT_TRUE(file_exists(file("ck_0_0")));
   EXPECT_FALSE(file_exists(file("nope")));
-  EXPECT_FALSE(file_exists(dir_.string()));
+  EXPECT_FALSE(file_exists(dir_));
 }
 
 TEST_F(CkptDir, ManifestRoundTripAndErrors) {
@@ -151,8 +149,8 @@ TEST_F(CkptDir, FullSaveNeedsNoRuntimeAndPartialDoes) {
   EXPECT_TRUE(ls.smp_index);
   EXPECT_NE(describe(st).find("GB/s"), std::string::npos);
   EXPECT_NE(describe(ls).find("open/verify"), std::string::npos);
-  for (const auto& e : fs::directory_iterator(dir_)) {
-    EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+  for (const auto& e : test::list_dir(dir_)) {
+    EXPECT_EQ(e.find(".tmp-"), std::string::npos) << e;
   }
   const std::string err = error_text([&] { save(sample(1), file("p"), SaveOptions{}); });
   EXPECT_NE(err.find("needs smp.init() first"), std::string::npos) << err;

@@ -4,6 +4,8 @@
 // earlier save, crash states (before / after the commit point) and the
 // reader's errors for corrupt, missing, mixed and incomplete checkpoints.
 #include <gtest/gtest.h>
+
+#include "test_util.h"
 #include <mpi.h>
 
 #include <ATen/ATen.h>
@@ -11,7 +13,6 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -27,7 +28,6 @@ namespace smp {
 namespace ckpt {
 namespace {
 
-namespace fs = std::filesystem;
 
 int world_size() {
   int n = 0;
@@ -47,8 +47,7 @@ void mpi_barrier() { MPI_Barrier(MPI_COMM_WORLD); }
 std::string shared_dir() {
   char buf[256] = {};
   if (world_rank() == 0) {
-    std::string pattern = (fs::temp_directory_path() / "smp_commit_XXXXXX").string();
-    if (::mkdtemp(&pattern[0]) != nullptr) std::snprintf(buf, sizeof(buf), "%s", pattern.c_str());
+    std::snprintf(buf, sizeof(buf), "%s", test::make_temp_dir("smp_commit").c_str());
   }
   MPI_Bcast(buf, sizeof(buf), MPI_CHAR, 0, MPI_COMM_WORLD);
   return buf;
@@ -91,8 +90,7 @@ class CommitTest : public ::testing::Test {
     if (smp::is_initialized()) smp::shutdown();
     mpi_barrier();
     if (world_rank() == 0) {
-      std::error_code ec;
-      fs::remove_all(dir_, ec);
+      test::remove_tree(dir_);
     }
   }
   std::string file(const std::string& n) const { return dir_ + "/" + n; }
@@ -208,7 +206,7 @@ TEST_F(CommitTest, CrashStatesAndReaderErrors) {
   const std::string id1 = read_manifest(manifest_file_name(f))->save_id;
 
   // Crash before the commit point: a new part exists only as a temporary.
-  if (rank() == 0) fs::copy_file(partial_file_name(g, {0, 0, std::nullopt}), part + ".tmp-feedface");
+  if (rank() == 0) test::copy_file(partial_file_name(g, {0, 0, std::nullopt}), part + ".tmp-feedface");
   mpi_barrier();
   EXPECT_TRUE(equal(load(f), part_state(0, 0, 0, 1)));
   mpi_barrier();
@@ -218,8 +216,8 @@ TEST_F(CommitTest, CrashStatesAndReaderErrors) {
   if (rank() == 0) {
     auto m = *read_manifest(manifest_file_name(f));
     const std::string gid = read_manifest(manifest_file_name(g))->save_id;
-    fs::remove(part + ".tmp-feedface");
-    fs::copy_file(partial_file_name(g, {0, 0, std::nullopt}), part + ".tmp-" + gid);
+    test::remove_file(part + ".tmp-feedface");
+    test::copy_file(partial_file_name(g, {0, 0, std::nullopt}), part + ".tmp-" + gid);
     m.save_id = gid;
     write_manifest(manifest_file_name(f), m);
   }
@@ -230,7 +228,7 @@ TEST_F(CommitTest, CrashStatesAndReaderErrors) {
   // Mixed: the manifest names one save, the part belongs to another.
   if (rank() == 0) {
     for (const auto& p : files_with_prefix(f)) {
-      if (p.find(".tmp-") != std::string::npos) fs::remove(p);
+      if (p.find(".tmp-") != std::string::npos) test::remove_file(p);
     }
   }
   mpi_barrier();
@@ -280,7 +278,7 @@ TEST_F(CommitTest, CrashStatesAndReaderErrors) {
   mpi_barrier();
 
   // Missing part: the error names the expected file and lists what exists.
-  if (rank() == 0) fs::remove(part);
+  if (rank() == 0) test::remove_file(part);
   mpi_barrier();
   err = error_text([&] { load(f); });
   EXPECT_NE(err.find("has no part for rank " + std::to_string(rank())), std::string::npos) << err;
@@ -291,7 +289,7 @@ TEST_F(CommitTest, CrashStatesAndReaderErrors) {
 
   // Incomplete: parts written by smp.save but no manifest.
   if (rank() == 0) {
-    fs::remove(manifest_file_name(g));
+    test::remove_file(manifest_file_name(g));
   }
   mpi_barrier();
   err = error_text([&] { load(g); });
