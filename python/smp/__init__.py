@@ -82,5 +82,13 @@ from smp.torch_dist import (  # noqa: E402
     get_world_process_group,
 )
 from smp import comm  # noqa: E402
+from smp.tp import (  # noqa: E402
+    set_tensor_parallelism,
+    tensor_parallelism,
+    tp_register,
+    tp_register_with_module,
+)
+from smp.model import DistributedModel  # noqa: E402
+from smp.optimizer import DistributedOptimizer  # noqa: E402
 
 __version__ = _C.version()

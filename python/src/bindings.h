@@ -19,6 +19,8 @@ void bind_config_topology(pybind11::module_& m);
 void bind_runtime(pybind11::module_& m);
 /// comm.cc: byte collectives for the object API and tensor collectives.
 void bind_comm(pybind11::module_& m);
+/// model.cc: GradReducer, partition_params, broadcast_from_owners.
+void bind_model(pybind11::module_& m);
 
 /// A Python dict of smp config keys as a ConfigMap. Values must be bool, int,
 /// float or str; others raise ConfigError naming the key and the type.

@@ -9,4 +9,5 @@ PYBIND11_MODULE(_C, m) {
   smp::python::bind_config_topology(m);
   smp::python::bind_runtime(m);
   smp::python::bind_comm(m);
+  smp::python::bind_model(m);
 }
