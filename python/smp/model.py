@@ -17,7 +17,8 @@ What the wrapper does, in order:
 3. registers a post-accumulate-grad hook on every parameter that hands the
    finished gradient to the engine's GradReducer, which averages it over
    DP_GROUP (replicated parameters) or RDP_GROUP (parameters of tensor-parallel
-   modules) in buckets while backward runs.
+   modules whose shard spec says "distributed": split ones and those held by one
+   tp rank) in buckets while backward runs.
 
 Gradients are final after ``model.backward(loss)``. A plain ``loss.backward()``
 also works: DistributedOptimizer.step() then completes the averaging before
@@ -184,20 +185,24 @@ class DistributedModel(torch.nn.Module):
             fn(self)
 
     def _build_reducer(self):
-        specs = {}  # full name -> (split_dim or None, global shape)
+        # full name -> (split_dim or None, global shape, distributed). A spec
+        # without "distributed" counts as distributed: its gradient holds the
+        # whole TP group's batches (smp.nn.DistributedModule's convention).
+        specs = {}
         for prefix, m in self.module.named_modules():
             if tp.is_dist_module(m):
                 for local, spec in m._smp_shard_specs().items():
                     full = f"{prefix}.{local}" if prefix else local
-                    specs[full] = (spec.get("split_dim"), tuple(spec["global_shape"]))
+                    specs[full] = (spec.get("split_dim"), tuple(spec["global_shape"]),
+                                   bool(spec.get("distributed", True)))
         params, names, split_dims, shapes, distributed = [], [], [], [], []
         for name, p in self.module.named_parameters():
             params.append(p)
             names.append(name)
-            split, shape = specs.get(name, (None, tuple(p.shape)))
+            split, shape, dist = specs.get(name, (None, tuple(p.shape), False))
             split_dims.append(split)
             shapes.append(list(shape))
-            distributed.append(name in specs)
+            distributed.append(dist)
         self._param_names = names
         self._params = params
         self._specs = {n: {"split_dim": s, "global_shape": tuple(g), "distributed": d}

@@ -3,9 +3,12 @@
 # (tp, rdp) grid of the world, SGD(momentum) and Adam, with and without
 # shard_optimizer_state and prescaled_batch; plus state dicts and error texts.
 #
+# MODEL_EQUIVALENCE_DEVICE=cuda runs on GPU local_rank (NCCL; tests/python/gpu).
+#
 # Tensor parallelism uses RowLinear, a stand-in for smp.nn.DistributedLinear
 # defined here (weight split along the input dimension, bias on tp_rank 0 only)
 # that follows smp's DistributedModule protocol with smp.comm collectives.
+import os
 import sys
 import traceback
 import warnings
@@ -19,6 +22,11 @@ STEPS = 5
 ATOL = 1e-5
 LOCAL_BATCH = 3
 IN, HIDDEN, MID, OUT = 8, 12, 4, 3
+ON_CUDA = os.environ.get("MODEL_EQUIVALENCE_DEVICE", "cpu") == "cuda"
+
+
+def device():
+    return torch.device("cuda", smp.local_rank()) if ON_CUDA else torch.device("cpu")
 
 
 def split_range(total, parts, index):
@@ -79,9 +87,9 @@ class RowLinear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.offset, size = split_range(in_features, smp.tp_size(), smp.tp_rank())
-        self.weight = torch.nn.Parameter(torch.empty(out_features, size))
+        self.weight = torch.nn.Parameter(torch.empty(out_features, size, device=device()))
         if smp.tp_rank() == 0:
-            self.bias = torch.nn.Parameter(torch.empty(out_features))
+            self.bias = torch.nn.Parameter(torch.empty(out_features, device=device()))
         else:
             self.register_parameter("bias", None)
 
@@ -102,9 +110,11 @@ class RowLinear(torch.nn.Module):
 
     # smp's DistributedModule protocol
     def _smp_shard_specs(self):
-        specs = {"weight": {"split_dim": 1, "global_shape": (self.out_features, self.in_features)}}
-        if self.bias is not None:
-            specs["bias"] = {"split_dim": None, "global_shape": (self.out_features,)}
+        specs = {"weight": {"split_dim": 1, "global_shape": (self.out_features, self.in_features),
+                            "distributed": True}}
+        if self.bias is not None:  # its gradient holds the whole TP group's batches
+            specs["bias"] = {"split_dim": None, "global_shape": (self.out_features,),
+                             "distributed": True}
         return specs
 
     def _smp_full_param_names(self):
@@ -122,7 +132,8 @@ class RowLinear(torch.nn.Module):
         if name == "weight":
             parts = smp.comm.allgather(self.weight.detach().contiguous(), TP)
             return torch.cat(list(parts), dim=1)
-        t = self.bias.detach().clone() if self.bias is not None else torch.empty(self.out_features)
+        t = (self.bias.detach().clone() if self.bias is not None
+             else torch.empty(self.out_features, device=self.weight.device))
         return smp.comm.broadcast(t, 0, TP)
 
 
@@ -148,12 +159,13 @@ def make_net(seed):
     torch.manual_seed(seed)
     net = Net()
     smp.set_tensor_parallelism(net.fc2)
-    return net
+    return net.to(device())
 
 
 def global_batch(step, rows):
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(rows, IN, generator=g), torch.randn(rows, OUT, generator=g)
+    return (torch.randn(rows, IN, generator=g).to(device()),
+            torch.randn(rows, OUT, generator=g).to(device()))
 
 
 def make_optimizer(kind, params):
@@ -194,6 +206,8 @@ def run_case(tp, opt_kind, shard, prescaled, first):
     smp.init({"tensor_parallel_degree": tp, "ddp": True, "shard_optimizer_state": shard,
               "prescaled_batch": prescaled})
     where = f"tp {tp} rdp {smp.rdp_size()} {opt_kind} shard {shard} prescaled {prescaled}"
+    if ON_CUDA:
+        torch.cuda.set_device(device())
     smp.tp_register_with_module(torch.nn.Linear, RowLinear)
     ref = make_net(1234)
     net = make_net(1234 + smp.rank())  # rank 0's weights must win
@@ -271,7 +285,7 @@ def run_case(tp, opt_kind, shard, prescaled, first):
     # state_dict(gather_to_rank0=True): full model on rank 0, {} elsewhere.
     sd = model.state_dict()
     if smp.rank() == 0:
-        plain = Net()
+        plain = Net().to(device())
         plain.load_state_dict(sd, strict=True)
         x, _ = global_batch(99, 5)
         assert torch.allclose(plain(x), ref(x), atol=ATOL), where
@@ -295,6 +309,8 @@ def run_case(tp, opt_kind, shard, prescaled, first):
     expect_error(smp.ConfigError, ["missing keys ['unused', 'scale', 'fc1.weight'", "unexpected keys ['bogus']",
                                    "pass strict=False"],
                  lambda: model.load_state_dict({"bogus": torch.zeros(1)}))
+    if ON_CUDA:
+        assert all(p.is_cuda for p in model.parameters())
 
     if first:
         first_param = model.module.fc1.weight
