@@ -86,5 +86,13 @@ from smp.torch_dist import (  # noqa: E402
 from smp.checkpoint import load, resume_from_checkpoint, save, save_checkpoint  # noqa: E402
 from smp import comm  # noqa: E402
 from smp import nn  # noqa: E402
+from smp.tp import (  # noqa: E402
+    set_tensor_parallelism,
+    tensor_parallelism,
+    tp_register,
+    tp_register_with_module,
+)
+from smp.model import DistributedModel  # noqa: E402
+from smp.optimizer import DistributedOptimizer  # noqa: E402
 
 __version__ = _C.version()

@@ -57,10 +57,12 @@ def init(config=None):
 
 
 def shutdown():
-    """Destroys the torch process groups smp created and releases the engine.
+    """Forgets the DistributedModel, destroys the torch process groups smp
+    created and releases the engine.
     smp.init may be called again afterwards. A no-op when not initialized."""
-    from smp import torch_dist
+    from smp import model, torch_dist
 
+    model._reset()
     try:
         torch_dist.destroy_process_groups()
     finally:

@@ -26,10 +26,6 @@ logger = logging.getLogger("smp.checkpoint")
 # The text the restricted reader's refusals carry (src/checkpoint/pickle_reader.cc).
 _REFUSAL = "safe loading refuses to run code from a checkpoint"
 
-#: The model and optimizer resume_from_checkpoint loads into when none is
-#: passed; smp.DistributedModel / smp.DistributedOptimizer register themselves here.
-current_model = None
-current_optimizer = None
 
 #: Stats of the last smp.save / smp.load on this rank (bytes, seconds, GB/s, phases).
 last_save_stats = None
@@ -346,8 +342,12 @@ def resume_from_checkpoint(path, tag=None, partial=True, strict=True, load_optim
     """
     from smp._objects import barrier
 
-    model = model if model is not None else current_model
-    optimizer = optimizer if optimizer is not None else current_optimizer
+    from smp import model as _model_mod
+    from smp import optimizer as _optimizer_mod
+
+    # Default: this process's smp.DistributedModel / smp.DistributedOptimizer.
+    model = model if model is not None else _model_mod.current_model()
+    optimizer = optimizer if optimizer is not None else _optimizer_mod.current_optimizer()
     path = os.fspath(path)
     if tag is None:
         if not partial:

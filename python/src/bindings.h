@@ -23,6 +23,8 @@ void bind_comm(pybind11::module_& m);
 void bind_nn(pybind11::module_& m);
 /// checkpoint.cc: smp.save / smp.load engine, save sessions, object conversion.
 void bind_checkpoint(pybind11::module_& m);
+/// model.cc: GradReducer, partition_params, broadcast_from_owners.
+void bind_model(pybind11::module_& m);
 
 /// A Python dict of smp config keys as a ConfigMap. Values must be bool, int,
 /// float or str; others raise ConfigError naming the key and the type.

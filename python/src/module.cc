@@ -11,4 +11,5 @@ PYBIND11_MODULE(_C, m) {
   smp::python::bind_comm(m);
   smp::python::bind_nn(m);
   smp::python::bind_checkpoint(m);
+  smp::python::bind_model(m);
 }

@@ -18,9 +18,15 @@ struct ParamInfo {
   /// Split across the tensor-parallel group, or replicated.
   ShardSpec spec;
 
-  /// True for tensor-parallel shards (their gradients are averaged over
-  /// RDP_GROUP); false for replicated parameters (over DP_GROUP).
-  bool distributed() const { return !spec.is_replicated(); }
+  /// Set for an unsplit parameter of a tensor-parallel module (a bias held by
+  /// tp_rank 0 only, the LayerNorms of a distributed transformer layer): like
+  /// the shards, it sees the whole TP group's batch, so it is reduced as one.
+  bool tp_module = false;
+
+  /// True for tensor-parallel shards and other parameters of tensor-parallel
+  /// modules (their gradients are averaged over RDP_GROUP); false for
+  /// replicated parameters (over DP_GROUP).
+  bool distributed() const { return tp_module || !spec.is_replicated(); }
 };
 
 }  // namespace smp

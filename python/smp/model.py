@@ -1,0 +1,385 @@
+"""smp.DistributedModel: wraps the user's torch.nn.Module for tensor and data
+parallelism (pipeline partitioning comes later; see _partition).
+
+    model = smp.DistributedModel(MyNet())
+    optimizer = smp.DistributedOptimizer(torch.optim.Adam(model.parameters()))
+    loss = loss_fn(model(x), y)
+    model.backward(loss)          # backward + gradient averaging
+    optimizer.step()
+
+What the wrapper does, in order:
+1. broadcasts every parameter and buffer of the original module from world
+   rank 0 over WORLD, so that every rank starts from identical full weights;
+2. with tp_size() > 1, replaces marked modules of registered types
+   (smp.tensor_parallelism, smp.set_tensor_parallelism, smp.tp_register) in
+   place by their tensor-parallel versions, which slice the full weights;
+   parameters keep their original names;
+3. registers a post-accumulate-grad hook on every parameter that hands the
+   finished gradient to the engine's GradReducer, which averages it over
+   DP_GROUP (replicated parameters) or RDP_GROUP (parameters of tensor-parallel
+   modules whose shard spec says "distributed": split ones and those held by one
+   tp rank) in buckets while backward runs.
+
+Gradients are final after ``model.backward(loss)``. A plain ``loss.backward()``
+also works: DistributedOptimizer.step() then completes the averaging before
+stepping (the gradients in .grad are the local ones until then). Data sharding
+is the user's DataLoader's job: shard by dp_rank()/dp_size(), or by
+rdp_rank()/rdp_size() with prescaled_batch.
+
+Keyword arguments of smp v1 without a meaning here are accepted and ignored:
+trace_device, trace_execution_times, trace_memory_usage, gradient_as_bucket_view,
+broadcast_buffers (buffers are broadcast once at wrapping), find_unused_parameters
+(unused parameters always count as zero gradients), average_grads_across_microbatches
+(gradients are always averaged), overlapping_allreduce (always on). The module is
+not moved to a device: place it before wrapping.
+"""
+
+import collections
+import weakref
+
+import torch
+
+from smp import _C, comm, tp
+from smp._C import CommGroup
+
+_current = None  # weakref to this process's DistributedModel
+
+
+def _reset():
+    """Forgets this process's DistributedModel (smp.shutdown calls it)."""
+    global _current
+    model = _current() if _current is not None else None
+    if model is not None:
+        model._release()
+    _current = None
+
+
+def current_model():
+    """This process's DistributedModel, or None."""
+    return _current() if _current is not None else None
+
+
+def _broadcast_from_rank0(module):
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_contiguous():
+                comm.broadcast(t.data, 0, CommGroup.WORLD)
+            else:
+                tmp = t.data.contiguous()
+                comm.broadcast(tmp, 0, CommGroup.WORLD)
+                t.data.copy_(tmp)
+
+
+def _state_entries(module, prefix=""):
+    """(full name, kind, owner, local name) for every entry of the full state
+    dict, in torch's state_dict order. kind: "param", "buffer" (local tensors),
+    or "dist" (a full parameter of a tensor-parallel module)."""
+    out = []
+    if tp.is_dist_module(module):
+        full = tp.full_param_names(module)
+        for n in full:
+            out.append((prefix + n, "dist", module, n))
+        names = set(full)
+        for n, b in module.named_buffers():
+            mod_name, _, leaf = n.rpartition(".")
+            owner = module.get_submodule(mod_name) if mod_name else module
+            if n not in names and leaf not in owner._non_persistent_buffers_set:
+                out.append((prefix + n, "buffer", owner, leaf))
+        return out
+    for n, p in module._parameters.items():
+        if p is not None:
+            out.append((prefix + n, "param", module, n))
+    for n, b in module._buffers.items():
+        if b is not None and n not in module._non_persistent_buffers_set:
+            out.append((prefix + n, "buffer", module, n))
+    for n, child in module._modules.items():
+        if child is not None:
+            out.extend(_state_entries(child, prefix + n + "."))
+    return out
+
+
+class DistributedModel(torch.nn.Module):
+    """Wraps ``module`` for smp (see the module docstring). One per process;
+    needs smp.init()."""
+
+    def __init__(self, module, trace_device="gpu", trace_execution_times=False,
+                 trace_memory_usage=False, backward_passes_per_step=1,
+                 average_grads_across_microbatches=True, gradient_as_bucket_view=False,
+                 broadcast_buffers=True, find_unused_parameters=False,
+                 overlapping_allreduce=True, bucket_cap_mb=25, **kwargs):
+        global _current
+        if not _C.is_initialized():
+            raise _C.StateError("smp.DistributedModel needs smp.init() first")
+        if kwargs:
+            raise _C.ConfigError(
+                f"smp.DistributedModel: unknown keyword argument(s) {sorted(kwargs)}; accepted: "
+                "trace_device, trace_execution_times, trace_memory_usage, "
+                "backward_passes_per_step, average_grads_across_microbatches, "
+                "gradient_as_bucket_view, broadcast_buffers, find_unused_parameters, "
+                "overlapping_allreduce, bucket_cap_mb")
+        if not isinstance(module, torch.nn.Module):
+            raise _C.ConfigError(
+                f"smp.DistributedModel expects a torch.nn.Module, got {type(module).__name__}")
+        existing = current_model()
+        if existing is not None:
+            raise _C.StateError(
+                f"smp.DistributedModel was already created in this process (rank {_C.rank()}, "
+                f"wrapping a {type(existing.module).__name__}); smp supports one "
+                "DistributedModel per process: wrap the whole model once")
+        if int(backward_passes_per_step) < 1:
+            raise _C.ConfigError(
+                f"smp.DistributedModel: backward_passes_per_step must be >= 1, got "
+                f"{backward_passes_per_step}")
+        super().__init__()
+        self.module = module
+        self.trace_device = trace_device
+        self._backward_passes_per_step = int(backward_passes_per_step)
+        self._bucket_bytes = int(bucket_cap_mb * (1 << 20))
+        self._backward_calls = 0
+        self._hooks_armed = True
+        self._finished = True  # no gradients pending averaging
+        self._post_partition_hooks = []
+        self._partitioned = False
+        self._reducer = None
+        self._hook_handles = []
+
+        _broadcast_from_rank0(module)
+        if _C.tp_size() > 1:
+            self._replace_tp_modules()
+        self._partition()
+        self._build_reducer()
+        _current = weakref.ref(self)
+
+    # ---- construction ------------------------------------------------------
+
+    def _replace_tp_modules(self):
+        def visit(parent, prefix):
+            for name, child in list(parent._modules.items()):
+                if child is None:
+                    continue
+                if tp.tp_config(child) is not None and not tp.is_dist_module(child):
+                    new = tp.make_distributed(child)
+                    if new is not None:
+                        parent._modules[name] = new
+                        continue
+                if not tp.is_dist_module(child):
+                    visit(child, prefix + name + ".")
+
+        if tp.tp_config(self.module) is not None and not tp.is_dist_module(self.module):
+            new = tp.make_distributed(self.module)
+            if new is not None:
+                self.module = new
+                return
+        visit(self.module, "")
+
+    def _partition(self):
+        """Seam for pipeline partitioning: with pp_size() > 1 this is where the
+        module's layers will be assigned to stages. Today every rank holds the
+        whole (tensor-parallel) model. Runs the post-partition hooks."""
+        if _C.pp_size() > 1:
+            raise _C.NotSupportedError(
+                f"smp.DistributedModel: pipeline parallelism (pipeline_parallel_degree="
+                f"{_C.pp_size()}) is not implemented yet; use pipeline_parallel_degree 1")
+        self._partitioned = True
+        for fn in self._post_partition_hooks:
+            fn(self)
+
+    def _build_reducer(self):
+        # full name -> (split_dim or None, global shape, distributed). A spec
+        # without "distributed" counts as distributed: its gradient holds the
+        # whole TP group's batches (smp.nn.DistributedModule's convention).
+        specs = {}
+        for prefix, m in self.module.named_modules():
+            if tp.is_dist_module(m):
+                for local, spec in m._smp_shard_specs().items():
+                    full = f"{prefix}.{local}" if prefix else local
+                    specs[full] = (spec.get("split_dim"), tuple(spec["global_shape"]),
+                                   bool(spec.get("distributed", True)))
+        params, names, split_dims, shapes, distributed = [], [], [], [], []
+        for name, p in self.module.named_parameters():
+            params.append(p)
+            names.append(name)
+            split, shape, dist = specs.get(name, (None, tuple(p.shape), False))
+            split_dims.append(split)
+            shapes.append(list(shape))
+            distributed.append(dist)
+        self._param_names = names
+        self._params = params
+        self._specs = {n: {"split_dim": s, "global_shape": tuple(g), "distributed": d}
+                       for n, s, g, d in zip(names, split_dims, shapes, distributed)}
+        self._distributed_ids = {id(p) for p, d in zip(params, distributed) if d}
+        self._reducer = _C.GradReducer(params, names, split_dims, shapes,
+                                       bucket_bytes=self._bucket_bytes, distributed=distributed)
+        self_ref = weakref.ref(self)
+
+        def hook(index):
+            def on_grad(_param):
+                model = self_ref()
+                if model is not None:
+                    model._grad_ready(index)
+            return on_grad
+
+        for i, p in enumerate(params):
+            if p.requires_grad:
+                self._hook_handles.append(p.register_post_accumulate_grad_hook(hook(i)))
+
+    def _release(self):
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles = []
+        self._reducer = None
+
+    # ---- gradients ---------------------------------------------------------
+
+    def _grad_ready(self, index):
+        if self._hooks_armed and self._reducer is not None:
+            self._finished = False
+            self._reducer.mark_ready(index)
+
+    def _finish_grads(self):
+        """Completes gradient averaging if a backward pass left it pending."""
+        if self._reducer is None:
+            raise _C.StateError("smp.DistributedModel: smp was shut down; wrap the model again "
+                                "after smp.init()")
+        if not self._finished:
+            self._reducer.finish()
+            self._finished = True
+
+    def backward(self, tensor, grad_tensors=None):
+        """Backward from ``tensor`` (the loss), then averages the gradients over
+        the data-parallel ranks; .grad holds the averages on return. With
+        backward_passes_per_step=N, gradients accumulate locally over N calls
+        and are averaged on the N-th."""
+        self._backward_calls += 1
+        final = self._backward_calls % self._backward_passes_per_step == 0
+        self._hooks_armed = final
+        try:
+            torch.autograd.backward(tensor, grad_tensors)
+        finally:
+            self._hooks_armed = True
+        if final:
+            self._finished = False
+            self._finish_grads()
+
+    # ---- module API --------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def register_post_partition_hook(self, fn):
+        """``fn(model)`` runs once after partitioning; the model is partitioned
+        at construction today, so it runs at once."""
+        if self._partitioned:
+            fn(self)
+        else:
+            self._post_partition_hooks.append(fn)
+
+    def local_parameters(self, recurse=True):
+        return self.module.parameters(recurse)
+
+    def local_named_parameters(self, prefix="", recurse=True):
+        return self.module.named_parameters(prefix, recurse)
+
+    def local_modules(self):
+        return self.module.modules()
+
+    def local_named_modules(self):
+        return self.module.named_modules()
+
+    def local_buffers(self, recurse=True):
+        return self.module.buffers(recurse)
+
+    def local_named_buffers(self, prefix="", recurse=True):
+        return self.module.named_buffers(prefix, recurse)
+
+    def is_distributed_parameter(self, param):
+        """True for parameters of tensor-parallel modules (averaged over RDP_GROUP)."""
+        return id(param) in self._distributed_ids
+
+    def param_spec(self, name):
+        """{"split_dim", "global_shape", "distributed"} of local parameter ``name``."""
+        return self._specs[name]
+
+    # ---- state dicts -------------------------------------------------------
+
+    def local_state_dict(self, *args, **kwargs):
+        """This rank's parameters and buffers under their original names (shards
+        for tensor-parallel ones) and ``"_smp_is_partial": True``."""
+        sd = self.module.state_dict(*args, **kwargs)
+        sd["_smp_is_partial"] = True
+        return sd
+
+    def state_dict(self, *args, gather_to_rank0=True, **kwargs):
+        """The full model (full tensors, original names) on world rank 0, ``{}``
+        on other ranks; loadable with strict=True into the unwrapped module.
+        Collective over TP_GROUP: every rank with rdp_rank() == 0 must call it;
+        ranks with rdp_rank() > 0 return {} at once. gather_to_rank0=False
+        gives local_state_dict()."""
+        if not gather_to_rank0:
+            return self.local_state_dict(*args, **kwargs)
+        if _C.rdp_rank() != 0:
+            return {}
+        keep = _C.rank() == 0
+        out = collections.OrderedDict()
+        for full, kind, owner, local in _state_entries(self.module):
+            if kind == "dist":
+                t = owner._smp_gather_full(local)
+            else:
+                t = getattr(owner, local)
+            if keep:
+                out[full] = t.detach()
+        return out if keep else {}
+
+    def load_state_dict(self, state_dict, strict=True, same_partition_load=False):
+        """Loads a full state dict (state_dict(), or the unwrapped module's): every
+        rank slices its part, no communication. Or a partial one
+        (local_state_dict(), with "_smp_is_partial"), copied as is; it must come
+        from the same tensor-parallel layout (same_partition_load=True states
+        that; a partial dict whose shapes match is accepted either way). strict:
+        raise smp.ConfigError listing missing and unexpected keys."""
+        sd = dict(state_dict)
+        partial = bool(sd.pop("_smp_is_partial", False))
+        if partial:
+            expected = collections.OrderedDict(
+                (k, None) for k in self.module.state_dict(keep_vars=True))
+        else:
+            entries = _state_entries(self.module)
+            expected = collections.OrderedDict((e[0], e) for e in entries)
+        missing = [k for k in expected if k not in sd]
+        unexpected = [k for k in sd if k not in expected]
+        if strict and (missing or unexpected):
+            raise _C.ConfigError(
+                f"smp.DistributedModel.load_state_dict ({'partial' if partial else 'full'} state "
+                f"dict, rank {_C.rank()}): missing keys {missing}, unexpected keys {unexpected}; "
+                "load a state dict of the same model, or pass strict=False")
+        with torch.no_grad():
+            if partial:
+                local = self.module.state_dict(keep_vars=True)
+                for k in expected:
+                    if k not in sd:
+                        continue
+                    target, value = local[k], sd[k]
+                    if tuple(target.shape) != tuple(value.shape):
+                        raise _C.ConfigError(
+                            f"smp.DistributedModel.load_state_dict: partial entry '{k}' has shape "
+                            f"{tuple(value.shape)} but this rank's (tp_rank {_C.tp_rank()} of "
+                            f"{_C.tp_size()}) has {tuple(target.shape)}: it was saved with another "
+                            "tensor-parallel layout; load a full state dict "
+                            "(state_dict(gather_to_rank0=True)) instead")
+                    target.copy_(value)
+            else:
+                for k, (_, kind, owner, local_name) in expected.items():
+                    if k not in sd:
+                        continue
+                    value = sd[k]
+                    if kind == "dist":
+                        owner._smp_load_full(local_name, value)
+                        continue
+                    target = getattr(owner, local_name)
+                    if tuple(target.shape) != tuple(value.shape):
+                        raise _C.ConfigError(
+                            f"smp.DistributedModel.load_state_dict: '{k}' has shape "
+                            f"{tuple(value.shape)} in the state dict but {tuple(target.shape)} in "
+                            "the model")
+                    target.copy_(value)
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)

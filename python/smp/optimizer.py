@@ -1,0 +1,315 @@
+"""smp.DistributedOptimizer: wraps a torch.optim optimizer built over the
+parameters of this process's smp.DistributedModel.
+
+    model = smp.DistributedModel(net)
+    optimizer = smp.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3))
+
+step() first completes gradient averaging when a plain loss.backward() left it
+pending (model.backward(loss) completes it itself), then steps.
+
+Sharded optimizer state (config shard_optimizer_state=True): parameters are
+assigned to owners over RDP_GROUP (balancing elements, smp._C.partition_params);
+each rank steps only the parameters it owns (it hides the other gradients from
+the inner optimizer, relying on the torch.optim convention that parameters whose
+.grad is None are skipped, so the inner optimizer keeps state only for owned
+parameters) and then every owner broadcasts its updated parameters over RDP_GROUP.
+
+State dicts. Every form carries, besides torch's "state" and "param_groups":
+  "_smp_param_names":  [[model parameter name per position, per param group]]
+  "_smp_shard_specs":  {name: {"split_dim", "global_shape", "distributed"}}
+  "_smp_is_partial":   True for local_state_dict(), False for state_dict()
+local_state_dict() is the inner optimizer's state for this rank's parameters
+(with sharding: only the owned ones, plus "_smp_owned": [names]). state_dict()
+is collective over the ranks it gathers from: with sharding it gathers every
+owner's state over RDP_GROUP, and with tp_size() > 1 it gathers over TP_GROUP
+and concatenates the state tensors of split parameters into full tensors, so
+the result describes the full model (every rank gets it). With tp_size() == 1
+and no sharding it equals local_state_dict(). load_state_dict() takes either
+form (or a plain torch optimizer state dict of the same parameter order) and
+matches entries by parameter NAME, so it survives reordering; full state of
+split parameters is sliced to this rank's part.
+
+Each parameter must appear once in the optimizer: duplicates raise
+smp.ConfigError at construction (smp v1 could save but not load their state).
+"""
+
+import weakref
+
+import torch
+
+from smp import _C
+from smp import _objects
+from smp import model as _model
+from smp._C import CommGroup
+
+_DEDUP_RECIPE = """\
+    unique_params = []
+    unique_params_set = set()
+    for p in model.parameters():
+        if p not in unique_params_set:
+            unique_params.append(p)
+            unique_params_set.add(p)
+    optimizer = torch.optim.Adam(unique_params, ...)"""
+
+
+_current = None  # weakref to this process's latest DistributedOptimizer
+
+
+def current_optimizer():
+    """This process's latest DistributedOptimizer, or None."""
+    return _current() if _current is not None else None
+
+
+class DistributedOptimizer:
+    """Wraps ``optimizer`` (any torch.optim.Optimizer over the DistributedModel's
+    parameters). See the module docstring."""
+
+    def __init__(self, optimizer, model=None):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise _C.ConfigError(
+                f"smp.DistributedOptimizer expects a torch.optim.Optimizer, got "
+                f"{type(optimizer).__name__}")
+        model = model if model is not None else _model.current_model()
+        if model is None:
+            raise _C.StateError(
+                "smp.DistributedOptimizer needs the model: create smp.DistributedModel(...) "
+                "first and build the optimizer over its parameters")
+        self.optimizer = optimizer
+        self.model = model
+        global _current
+        _current = weakref.ref(self)
+        names = {id(p): n for n, p in model.module.named_parameters()}
+        seen = {}
+        self._params = []
+        self._names = []
+        for gi, group in enumerate(optimizer.param_groups):
+            for pi, p in enumerate(group["params"]):
+                name = names.get(id(p))
+                if name is None:
+                    raise _C.ConfigError(
+                        f"smp.DistributedOptimizer: param_groups[{gi}]['params'][{pi}] (shape "
+                        f"{tuple(p.shape)}) is not a parameter of the DistributedModel on rank "
+                        f"{_C.rank()}; build the optimizer from model.parameters() after "
+                        "smp.DistributedModel(...) (tensor parallelism replaces modules)")
+                if id(p) in seen:
+                    g0, p0 = seen[id(p)]
+                    raise _C.ConfigError(
+                        f"smp.DistributedOptimizer: parameter '{name}' appears more than once in "
+                        f"the optimizer's parameters (param_groups[{g0}]['params'][{p0}] and "
+                        f"param_groups[{gi}]['params'][{pi}]); optimizer state of duplicated "
+                        "parameters cannot be saved and loaded. Pass each parameter once:\n"
+                        + _DEDUP_RECIPE)
+                seen[id(p)] = (gi, pi)
+                self._params.append(p)
+                self._names.append(name)
+        self._sharded = bool(_C.config()["shard_optimizer_state"])
+        # Ownership follows the model's parameter order, not the optimizer's, so
+        # that it does not depend on how the optimizer lists its parameters.
+        by_name = dict(zip(self._names, self._params))
+        self._canonical = [by_name[n] for n in model._param_names if n in by_name]
+        if self._sharded:
+            owner = _C.partition_params([p.numel() for p in self._canonical], _C.rdp_size())
+            owner_of = {id(p): o for p, o in zip(self._canonical, owner)}
+            self._owner = [owner_of[id(p)] for p in self._params]
+        else:
+            self._owner = [_C.rdp_rank()] * len(self._params)
+        self._owned = [o == _C.rdp_rank() for o in self._owner]
+        self._canonical_owner = list(owner) if self._sharded else []
+
+    # ---- torch.optim API ---------------------------------------------------
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group):
+        raise _C.NotSupportedError(
+            "smp.DistributedOptimizer.add_param_group is not supported; build the optimizer "
+            "with all its param groups before wrapping it")
+
+    def step(self, closure=None):
+        """Completes pending gradient averaging, then steps (with sharding: the
+        owned parameters, then broadcasts them from their owners)."""
+        self.model._finish_grads()
+        if not self._sharded:
+            return self.optimizer.step(closure)
+        hidden = []
+        for p, owned in zip(self._params, self._owned):
+            if not owned and p.grad is not None:
+                hidden.append((p, p.grad))
+                p.grad = None
+        try:
+            loss = self.optimizer.step(closure)
+        finally:
+            for p, g in hidden:
+                p.grad = g
+        _C.broadcast_from_owners(self._canonical, self._canonical_owner, CommGroup.RDP_GROUP)
+        return loss
+
+    # ---- state dicts -------------------------------------------------------
+
+    def _specs(self, names):
+        return {n: dict(self.model.param_spec(n)) for n in names}
+
+    def _group_names(self):
+        names = {id(p): n for p, n in zip(self._params, self._names)}
+        return [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]
+
+    def local_state_dict(self):
+        """The inner optimizer's state dict for this rank plus the _smp keys."""
+        sd = self.optimizer.state_dict()
+        sd["_smp_param_names"] = self._group_names()
+        sd["_smp_shard_specs"] = self._specs(self._names)
+        sd["_smp_is_partial"] = True
+        if self._sharded:
+            sd["_smp_owned"] = [n for n, o in zip(self._names, self._owned) if o]
+        return sd
+
+    def state_dict(self):
+        """Full optimizer state (see the module docstring); collective over
+        RDP_GROUP with sharding and over TP_GROUP with tp_size() > 1."""
+        if not self._sharded and _C.tp_size() == 1:
+            return self.local_state_dict()
+        local = self.local_state_dict()
+        by_name = _by_name(local)
+        if self._sharded:
+            merged = {}
+            for part in _objects.allgather(by_name, CommGroup.RDP_GROUP):
+                merged.update(part)
+            by_name = merged
+        group_names = local["_smp_param_names"]
+        specs = local["_smp_shard_specs"]
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in local["param_groups"]]
+        if _C.tp_size() > 1:
+            parts = _objects.allgather((by_name, group_names, specs), CommGroup.TP_GROUP)
+            by_name, group_names, specs = _merge_tp(parts)
+        state, groups, index = {}, [], 0
+        for g, names in enumerate(group_names):
+            idx = list(range(index, index + len(names)))
+            index += len(names)
+            groups.append({**hyper[g], "params": idx})
+            for i, n in zip(idx, names):
+                if n in by_name:
+                    state[i] = by_name[n]
+        return {"state": state, "param_groups": groups, "_smp_param_names": group_names,
+                "_smp_shard_specs": specs, "_smp_is_partial": False}
+
+    def load_state_dict(self, state_dict):
+        """Loads local_state_dict() or state_dict() output (see the module
+        docstring), matching parameters by name."""
+        sd = state_dict
+        partial = bool(sd.get("_smp_is_partial", False))
+        if "_smp_param_names" in sd:
+            by_name = _by_name(sd)
+            saved_groups = sd["param_groups"]
+        else:  # a plain torch optimizer state dict: positions must match
+            if len(sd["param_groups"]) != len(self.optimizer.param_groups) or any(
+                    len(a["params"]) != len(b["params"])
+                    for a, b in zip(sd["param_groups"], self.optimizer.param_groups)):
+                raise _C.ConfigError(
+                    "smp.DistributedOptimizer.load_state_dict: the state dict has no "
+                    "'_smp_param_names' and its param groups do not match the optimizer's; save "
+                    "it with DistributedOptimizer.state_dict() or local_state_dict()")
+            by_name = {}
+            for a, names in zip(sd["param_groups"], self._group_names()):
+                for i, n in zip(a["params"], names):
+                    if i in sd["state"]:
+                        by_name[n] = sd["state"][i]
+            saved_groups = sd["param_groups"]
+        if len(saved_groups) != len(self.optimizer.param_groups):
+            raise _C.ConfigError(
+                f"smp.DistributedOptimizer.load_state_dict: the state dict has "
+                f"{len(saved_groups)} param groups, the optimizer {len(self.optimizer.param_groups)}")
+        names_of = {id(p): n for p, n in zip(self._params, self._names)}
+        owned = {n for n, o in zip(self._names, self._owned) if o}
+        state, groups, index = {}, [], 0
+        for g, group in enumerate(self.optimizer.param_groups):
+            idx = []
+            for p in group["params"]:
+                name = names_of[id(p)]
+                idx.append(index)
+                if name in by_name and name in owned:
+                    state[index] = {k: self._fit(name, k, v, p, partial)
+                                    for k, v in by_name[name].items()}
+                index += 1
+            groups.append({**{k: v for k, v in saved_groups[g].items() if k != "params"},
+                           "params": idx})
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def _fit(self, name, key, value, param, partial):
+        """The part of saved state tensor `value` that belongs to this rank's
+        `param`: as is when the shapes agree, else sliced from a full tensor."""
+        if not torch.is_tensor(value) or value.dim() == 0 or value.shape == param.shape:
+            return value
+        spec = self.model.param_spec(name)
+        split = spec["split_dim"]
+        if not partial and split is not None and tuple(value.shape) == tuple(spec["global_shape"]):
+            total = value.shape[split]
+            tp, r = _C.tp_size(), _C.tp_rank()
+            base, rem = divmod(total, tp)
+            size = base + (1 if r < rem else 0)
+            offset = r * base + min(r, rem)
+            return value.narrow(split, offset, size).clone()
+        raise _C.ConfigError(
+            f"smp.DistributedOptimizer.load_state_dict: state '{key}' of parameter '{name}' has "
+            f"shape {tuple(value.shape)} but the parameter on this rank (tp_rank {_C.tp_rank()} of "
+            f"{_C.tp_size()}) has {tuple(param.shape)}; a partial optimizer state dict loads only "
+            "on the layout it was saved on: save a full one with state_dict() to change it")
+
+    def __repr__(self):
+        return f"smp.DistributedOptimizer({self.optimizer!r})"
+
+
+def _by_name(sd):
+    """{parameter name: state} of a state dict carrying _smp_param_names."""
+    out = {}
+    for group, names in zip(sd["param_groups"], sd["_smp_param_names"]):
+        for i, n in zip(group["params"], names):
+            if i in sd["state"]:
+                out[n] = sd["state"][i]
+    return out
+
+
+def _merge_tp(parts):
+    """Merges (by_name, group_names, specs) of every TP rank (tp order) into full
+    state: state tensors of split parameters shaped like the local parameter are
+    concatenated along the split dimension; others are taken from the first
+    rank that has them."""
+    group_names = [list(g) for g in parts[0][1]]
+    for _, names, _ in parts[1:]:
+        for g, ns in enumerate(names):
+            for n in ns:
+                if n not in group_names[g]:
+                    group_names[g].append(n)
+    specs = {}
+    for _, _, s in parts:
+        for n, v in s.items():
+            specs.setdefault(n, v)
+    state = {}
+    for n, spec in specs.items():
+        holders = [p[0][n] for p in parts if n in p[0]]
+        if not holders:
+            continue
+        split = spec["split_dim"]
+        if split is None or len(holders) == 1:
+            state[n] = holders[0]
+            continue
+        merged = {}
+        for k, v in holders[0].items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.dim() == len(spec["global_shape"]):
+                merged[k] = torch.cat([h[k] for h in holders], dim=split)
+            else:
+                merged[k] = v
+        state[n] = merged
+    return state, group_names, specs
