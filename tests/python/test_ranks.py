@@ -34,10 +34,16 @@ def test_issue_check_np8_matches_design_table():
             '"ddp":True}); print(smp.rank(), smp.rdp_rank(), smp.pp_rank(), smp.tp_rank(), '
             'smp.dp_rank(), smp.mp_rank())')
     out = run_mpi_code(8, code, tag_output=True).stdout
+    # mpirun tags each chunk a rank writes ("[job,rank]<stdout>:"), and an
+    # unbuffered print writes a line in several chunks: rebuild each rank's stream.
+    streams = {}
+    pieces = re.split(r"\[\d+,(\d+)\]<stdout>:", out)
+    for rank, text in zip(pieces[1::2], pieces[2::2]):
+        streams[int(rank)] = streams.get(int(rank), "") + text
     rows = []
-    for line in out.splitlines():
-        m = re.match(r"^\[\d+,\d+\]<stdout>:(.*)$", line)
-        parts = m.group(1).split() if m else []
-        if len(parts) == 6 and all(p.isdigit() for p in parts):
-            rows.append(tuple(int(p) for p in parts))
+    for stream in streams.values():
+        for line in stream.splitlines():
+            parts = line.split()
+            if len(parts) == 6 and all(p.isdigit() for p in parts):
+                rows.append(tuple(int(p) for p in parts))
     assert sorted(rows) == ref.DESIGN_TABLE, out
