@@ -141,6 +141,24 @@ smp_prepare() (
   fi
 )
 
+# The main demo (examples/python/train.py) on NP ranks: a training job that saves
+# a sharded checkpoint, then a second job that resumes from it and must match
+# the uninterrupted run exactly. Returns non-zero when either job fails.
+smp_run_demo() {
+  local np="${1:-8}" dir rc=0
+  local flags
+  read -r -a flags <<<"$(smp_mpirun_flags)"
+  dir="$(mktemp -d "${TMPDIR:-/tmp}/smp-demo.XXXXXX")"
+  for phase in train resume; do
+    smp_step "mpirun -np $np ${flags[*]} python3 examples/python/train.py --phase $phase --dir $dir"
+    PYTHONPATH="$SMP_REPO/python${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" \
+      timeout 600 mpirun -np "$np" "${flags[@]}" -x PYTHONPATH -x OMP_NUM_THREADS \
+      python3 "$SMP_REPO/examples/python/train.py" --phase "$phase" --dir "$dir" || { rc=$?; break; }
+  done
+  rm -rf "$dir"
+  return "$rc"
+}
+
 # Executed (not sourced): prepare now.
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   smp_prepare "$@"

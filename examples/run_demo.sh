@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The first smp demo, from a bare Debian machine:
+# The main smp demo, from a bare Debian machine:
 #
 #   bash examples/run_demo.sh
 #
 # Installs missing Debian/PyPI packages and builds (cmake/prepare.sh), then runs
-# examples/python/demo.py on 8 ranks under mpirun: the rank grid of
-# pipeline_parallel_degree=2 x tensor_parallel_degree=2 x 2 data-parallel
-# replicas, the groups, and a few checked collectives.
+# examples/python/train.py on 8 ranks under mpirun, twice: a training job
+# (tensor parallel degree 2 x 4 data-parallel replicas) that saves a sharded
+# checkpoint mid-way with smp.save, and a second job that resumes from it with
+# smp.load and checks that every loss and parameter equals the uninterrupted run.
 #
 #   SMP_DEMO_NP=4 bash examples/run_demo.sh    # another world size
 set -euo pipefail
@@ -23,6 +24,4 @@ export PYTHONPATH="$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
 # Many ranks on few cores: one thread per rank keeps them from starving each other.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
-smp_step "mpirun -np $NP ${MPIRUN_FLAGS[*]} python3 examples/python/demo.py"
-exec timeout 300 mpirun -np "$NP" "${MPIRUN_FLAGS[@]}" -x PYTHONPATH -x OMP_NUM_THREADS \
-  python3 "$REPO/examples/python/demo.py"
+smp_run_demo "$NP"

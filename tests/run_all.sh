@@ -7,7 +7,8 @@
 # 2. ctest: gtest unit tests, the multi-process MPI tests at 1, 2, 4 and 8
 #    ranks, the C++ examples under mpirun;
 # 3. pytest tests/python (GPU tests skip without a GPU);
-# 4. the Python demo, as examples/run_demo.sh runs it (mpirun -np 8);
+# 4. the demo as examples/run_demo.sh runs it (train, save, resume; mpirun -np 8)
+#    and the Python rank grid;
 # 5. packaging: cmake --install, then examples/cpp built standalone against the
 #    installed package (find_package(smp)) and run under mpirun -np 4.
 #
@@ -70,12 +71,14 @@ rc=$?
 [ "$rc" -eq 5 ] && echo "pytest collected no tests" >&2
 record "pytest tests/python" "$rc"
 
-# ---- 4. the Python demo --------------------------------------------------------
-smp_step "mpirun -np 8 ${MPIRUN_FLAGS[*]} python3 examples/python/demo.py"
+# ---- 4. the demo (examples/run_demo.sh's job) and the Python rank grid ---------
+smp_run_demo 8
+record "demo: train, save, resume (mpirun -np 8)" $?
+smp_step "mpirun -np 8 ${MPIRUN_FLAGS[*]} python3 examples/python/rank_grid.py"
 PYTHONPATH="$REPO/python${PYTHONPATH:+:$PYTHONPATH}" \
   timeout 300 mpirun -np 8 "${MPIRUN_FLAGS[@]}" -x PYTHONPATH -x OMP_NUM_THREADS \
-  python3 "$REPO/examples/python/demo.py"
-record "python demo (mpirun -np 8)" $?
+  python3 "$REPO/examples/python/rank_grid.py"
+record "python rank grid (mpirun -np 8)" $?
 
 # ---- 5. packaging: install, find_package(smp) from a standalone project ------
 package_check() (

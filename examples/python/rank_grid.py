@@ -1,17 +1,16 @@
-"""A first smp demo: the rank grid, the groups and a few checked collectives.
+"""The rank grid, the groups and a few checked collectives (the Python twin of
+examples/cpp/rank_grid.cc).
 
-    bash examples/run_demo.sh                       # builds, then runs this on 8 ranks
-    mpirun -np 8 python3 examples/python/demo.py    # PYTHONPATH=python, after a build
-    torchrun --nproc-per-node 8 examples/python/demo.py
+    mpirun -np 8 python3 examples/python/rank_grid.py    # PYTHONPATH=python, after a build
+    torchrun --nproc-per-node 8 examples/python/rank_grid.py
 
 With a world size that is a multiple of 4 it uses pipeline_parallel_degree=2,
 tensor_parallel_degree=2 and ddp (8 ranks: 2 model replicas of 4 ranks each);
 otherwise plain data parallelism (pp = tp = 1). "ddp": True also makes smp.init
 create the torch.distributed process groups. Every result is checked against
-the arithmetic of the rank grid; the last line on rank 0 is "demo: OK".
+the arithmetic of the rank grid; the last line on rank 0 is "rank_grid: OK".
 
-This is the first step of the demo; training, checkpoint save and resume come
-with the layers that implement them.
+examples/python/train.py is the main demo: training with checkpoint save and resume.
 """
 
 import os
@@ -164,7 +163,7 @@ def main():
     object_collectives()
     tensor_collectives()
     smp.barrier()
-    say("demo: OK")
+    say("rank_grid: OK")
     smp.shutdown()
 
 
