@@ -83,5 +83,7 @@ from smp.torch_dist import (  # noqa: E402
 )
 from smp import comm  # noqa: E402
 from smp import nn  # noqa: E402
+from smp import pipeline  # noqa: E402
+from smp.pipeline import StepOutput, partition, set_partition, step  # noqa: E402
 
 __version__ = _C.version()

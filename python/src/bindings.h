@@ -21,6 +21,8 @@ void bind_runtime(pybind11::module_& m);
 void bind_comm(pybind11::module_& m);
 /// nn.cc: smp._C.nn, tensor-parallel functions, layer forwards and layouts.
 void bind_nn(pybind11::module_& m);
+/// pipeline.cc: smp._C.pipeline, the pipeline schedules.
+void bind_pipeline(pybind11::module_& m);
 
 /// A Python dict of smp config keys as a ConfigMap. Values must be bool, int,
 /// float or str; others raise ConfigError naming the key and the type.

@@ -10,4 +10,5 @@ PYBIND11_MODULE(_C, m) {
   smp::python::bind_runtime(m);
   smp::python::bind_comm(m);
   smp::python::bind_nn(m);
+  smp::python::bind_pipeline(m);
 }
