@@ -199,6 +199,54 @@ def test_partitioning(smp_single):
         plan(net, 2, auto_partition=False, default_partition=3)
 
 
+def test_chain_tracing(smp_single):
+    smp = smp_single
+    from smp.pipeline.partition import run_steps, trace_chain
+
+    class Chain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = torch.nn.Linear(3, 4)
+            self.a = torch.nn.Linear(3, 3)
+
+        def forward(self, x, unused=None):
+            return self.b(torch.relu(self.a(x * 2))).sum(dim=1, keepdim=True)
+
+    m = Chain()
+    order, steps = trace_chain(m)
+    assert order == ["a", "b"]  # call order, not registration order
+    assert [u for _, u in steps] == [None, "a", None, "b", None]
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(run_steps(m, steps, x), m(x))
+
+    class Skip(Chain):
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y) + y.sum()
+
+    with pytest.raises(smp.NotSupportedError, match=r"in the forward of Skip, operation .* takes "
+                       r"\['a'\] but the previous result is 'b'; with "
+                       r"pipeline_parallel_degree > 1 the model's forward must be a chain"):
+        trace_chain(Skip())
+
+    class TwoInputs(Chain):
+        def forward(self, x, y):
+            return self.b(self.a(x + y))
+
+    with pytest.raises(smp.NotSupportedError, match=r"uses 2 inputs \(\['x', 'y'\]\)"):
+        trace_chain(TwoInputs())
+
+    class Branchy(Chain):
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.a(x)
+            return self.b(x)
+
+    with pytest.raises(smp.NotSupportedError, match=r"the forward of Branchy could not be traced "
+                       "with torch.fx"):
+        trace_chain(Branchy())
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("np", [2, 4])
 def test_pipelined_training_matches_pytorch(np):

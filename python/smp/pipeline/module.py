@@ -3,10 +3,12 @@
 ``PipelineModule(module)`` partitions ``module``'s top-level children over
 pp_size() stages (smp.pipeline.partition) and keeps them all; this rank runs
 only the children of its stage (``local_modules()``, ``local_parameters()``).
-The model's forward must be the chain of its top-level children in order,
-each taking and returning one tensor: a torch.nn.Sequential, or a module
-whose forward does exactly that (not checked: the children are run in order
-and the module's own forward is not called when pp_size() > 1).
+With pp_size() > 1 the model's forward is traced once with torch.fx (its
+top-level children as leaves) and must be a chain: one tensor input, then
+operations (submodule calls, torch functions, tensor methods) each taking only
+the previous result; smp.NotSupportedError names the operation otherwise. Each
+stage runs the operations from its first unit's call up to the next stage's
+first unit (operations before any submodule call run on stage 0).
 
 With pp_size() == 1 it is a transparent wrapper. ``backward(loss)`` inside an
 smp.step records the microbatch's loss for the schedule; outside a step it is
@@ -30,10 +32,19 @@ class PipelineModule(torch.nn.Module):
         self.num_stages = _C.pp_size()
         self.stage = _C.pp_rank()
         if self.num_stages > 1:
+            order, steps = partition.trace_chain(module)
             self.plan = partition.plan(module, self.num_stages, bool(cfg["auto_partition"]),
-                                       int(cfg["default_partition"]))
+                                       int(cfg["default_partition"]), order)
+            stage_of = {n: s for n, _, s in self.plan}
+            stage, self._steps = 0, []
+            for node, unit in steps:
+                if unit is not None:
+                    stage = stage_of[unit]
+                if stage == self.stage:
+                    self._steps.append((node, unit))
         else:
             self.plan = [(n, c, 0) for n, c in module.named_children()]
+            self._steps = None
         self._local = [(n, c) for n, c, s in self.plan if s == self.stage]
 
     def stage_assignment(self):
@@ -41,9 +52,7 @@ class PipelineModule(torch.nn.Module):
         return {n: s for n, _, s in self.plan}
 
     def _run_stage(self, x):
-        for _, child in self._local:
-            x = child(x)
-        return x
+        return partition.run_steps(self.module, self._steps, x)
 
     def forward(self, *args, **kwargs):
         if self.num_stages == 1:

@@ -18,6 +18,7 @@ stage must hold at least one unit; plan() raises smp.ConfigError otherwise.
 import contextlib
 
 import torch
+import torch.fx
 
 from smp import _C
 
@@ -119,9 +120,14 @@ def _manual_stage(root, name, unit, default):
     return stage
 
 
-def plan(module, num_stages, auto_partition=True, default_partition=0):
-    """[(name, child, stage)] for the units of ``module`` (see module docstring)."""
+def plan(module, num_stages, auto_partition=True, default_partition=0, order=None):
+    """[(name, child, stage)] for the units of ``module`` (see module docstring),
+    in the order of ``order`` (unit names, e.g. the call order from
+    trace_chain), by default registration order."""
     items = units(module)
+    if order is not None:
+        children = dict(items)
+        items = [(name, children[name]) for name in order]
     if not items:
         raise _C.ConfigError(
             f"pipeline partitioning: {type(module).__name__} has no submodules to place on "
@@ -153,3 +159,79 @@ def plan(module, num_stages, auto_partition=True, default_partition=0):
             f"{dict((n, s) for (n, _), s in zip(items, stages))}); every stage needs at least "
             "one top-level module: change smp.partition/set_partition or default_partition")
     return [(n, c, s) for (n, c), s in zip(items, stages)]
+
+
+class _TopLevelTracer(torch.fx.Tracer):
+    """Traces a module's own forward, keeping its direct children as leaves."""
+
+    def __init__(self, root):
+        super().__init__()
+        self._children = {id(c) for c in root.children()}
+
+    def is_leaf_module(self, m, qualname):
+        return id(m) in self._children or super().is_leaf_module(m, qualname)
+
+
+_CHAIN_RULE = (
+    "with pipeline_parallel_degree > 1 the model's forward must be a chain: one tensor "
+    "input, then operations (calls of its submodules, torch functions, tensor methods) each "
+    "taking only the result of the previous one (plus constants), returning the last result; "
+    "see docs/pipeline.md")
+
+
+def trace_chain(module):
+    """The forward of ``module`` as a chain: (unit names in first-call order,
+    steps), each step (fx node, unit name or None). Traced with torch.fx,
+    top-level children as leaves; raises smp.NotSupportedError naming the
+    offending operation when the data flow is not a chain."""
+    name = type(module).__name__
+    try:
+        graph = _TopLevelTracer(module).trace(module)
+    except Exception as e:  # fx raises many types for untraceable code
+        raise _C.NotSupportedError(
+            f"pipeline: the forward of {name} could not be traced with torch.fx "
+            f"({type(e).__name__}: {e}); {_CHAIN_RULE}") from None
+    nodes = list(graph.nodes)
+    used = [n for n in nodes if n.op == "placeholder" and n.users]
+    if len(used) != 1:
+        raise _C.NotSupportedError(
+            f"pipeline: the forward of {name} uses {len(used)} inputs "
+            f"({[n.target for n in used]}); {_CHAIN_RULE}")
+    prev, order, steps = used[0], [], []
+    for n in nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            if n.args[0] is not prev:
+                raise _C.NotSupportedError(
+                    f"pipeline: the forward of {name} returns {n.args[0]!r}, not the result of "
+                    f"its last operation '{prev}'; {_CHAIN_RULE}")
+            break
+        if n.op == "get_attr" or n.all_input_nodes != [prev]:
+            raise _C.NotSupportedError(
+                f"pipeline: in the forward of {name}, operation '{n.format_node()}' takes "
+                f"{[str(i) for i in n.all_input_nodes]} but the previous result is '{prev}'; "
+                f"{_CHAIN_RULE}")
+        unit = n.target.split(".")[0] if n.op == "call_module" else None
+        if unit is not None and unit not in order:
+            order.append(unit)
+        steps.append((n, unit))
+        prev = n
+    if not order:
+        raise _C.NotSupportedError(
+            f"pipeline: the forward of {name} calls none of its submodules; {_CHAIN_RULE}")
+    return order, steps
+
+
+def run_steps(module, steps, x):
+    """Runs fx chain steps (as from trace_chain) on x."""
+    for node, _ in steps:
+        args = torch.fx.node.map_arg(node.args, lambda _n: x)
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda _n: x)
+        if node.op == "call_module":
+            x = module.get_submodule(node.target)(*args, **kwargs)
+        elif node.op == "call_function":
+            x = node.target(*args, **kwargs)
+        else:  # call_method
+            x = getattr(args[0], node.target)(*args[1:], **kwargs)
+    return x

@@ -109,4 +109,57 @@ for active in (1, 2):
         assert "call it inside a function decorated with @smp.step" in str(e), e
     smp.shutdown()
 
+
+# A non-Sequential model (as smp's MNIST example): its forward is a chain of
+# submodule calls and torch operations, placed manually (pp 2) or automatically.
+class Grouped(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        with smp.partition(0):
+            self.a = torch.nn.Linear(6, 10)
+            self.b = torch.nn.Linear(10, 10)
+        with smp.partition(1 if world == 2 else 0):
+            self.c = torch.nn.Linear(10, 8)
+            self.d = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
+
+    def forward(self, x):
+        x = torch.tanh(self.a(x))
+        x = self.b(x) * 2
+        x = x.relu()
+        x = self.c(x)
+        x = F.gelu(self.d(x))
+        return torch.flatten(x, 1)
+
+
+ref = Grouped()
+ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+for pipeline in ("simple", "interleaved"):
+    smp.init({"pipeline_parallel_degree": world, "microbatches": 2, "pipeline": pipeline,
+              "auto_partition": world != 2})
+    pm = smp.pipeline.PipelineModule(Grouped())
+    opt = torch.optim.SGD(pm.local_parameters(), lr=0.05)
+    if world == 2:
+        assert pm.stage_assignment() == {"a": 0, "b": 0, "c": 1, "d": 1}, pm.stage_assignment()
+    if pipeline == "simple":
+        ref_losses = []
+        for i in range(3):
+            x, y = data(i)
+            ref_opt.zero_grad()
+            loss = F.mse_loss(ref(x), y)
+            loss.backward()
+            ref_opt.step()
+            ref_losses.append(loss.item())
+        ref_params = dict(ref.named_parameters())
+    for i in range(3):
+        x, y = data(i)
+        opt.zero_grad()
+        loss = train_step(pm, x, y)[0].reduce_mean()
+        assert abs(loss.item() - ref_losses[i]) < 1e-5, (pipeline, i, loss, ref_losses[i])
+        opt.step()
+    names = {id(p): n for n, p in pm.module.named_parameters()}
+    for p in pm.local_parameters():
+        torch.testing.assert_close(p, ref_params[names[id(p)]], atol=1e-5, rtol=0)
+    smp.shutdown()
+
 print(f"pipeline_train OK {me}", flush=True)
