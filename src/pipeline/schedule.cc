@@ -97,18 +97,25 @@ std::vector<std::vector<Action>> build_schedules(const ScheduleOptions& o) {
   while (remaining > 0) {
     bool progressed = false;
     // Transfers first: a receiver whose next compute action waits for data
-    // gets it as soon as the sender has produced it.
-    for (int s = 0; s < S; ++s) {
+    // gets it as soon as the sender has produced it. Activations are handed
+    // on downstream-first and gradients upstream-first, so that a stage
+    // passes on what it has before it waits for the next input.
+    for (int s = S - 1; s > 0; --s) {
       const Action* a = needs(s);
-      if (a == nullptr) continue;
+      if (a == nullptr || a->kind != ActionKind::kForward) continue;
       const int mb = a->microbatch;
-      if (a->kind == ActionKind::kForward && s > 0 && !got_act[s][mb] && fwd[s - 1][mb]) {
+      if (!got_act[s][mb] && fwd[s - 1][mb]) {
         out[s - 1].push_back({ActionKind::kSendActivation, mb});
         out[s].push_back({ActionKind::kRecvActivation, mb});
         got_act[s][mb] = 1;
         progressed = true;
-      } else if (a->kind == ActionKind::kBackward && s < S - 1 && !got_grad[s][mb] &&
-                 bwd[s + 1][mb]) {
+      }
+    }
+    for (int s = 0; s < S - 1; ++s) {
+      const Action* a = needs(s);
+      if (a == nullptr || a->kind != ActionKind::kBackward) continue;
+      const int mb = a->microbatch;
+      if (!got_grad[s][mb] && bwd[s + 1][mb]) {
         out[s + 1].push_back({ActionKind::kSendGrad, mb});
         out[s].push_back({ActionKind::kRecvGrad, mb});
         got_grad[s][mb] = 1;

@@ -149,9 +149,9 @@ def test_schedule_bindings(smp_single):
     assert s[0] == [("Forward", 0), ("SendActivation", 0), ("Forward", 1), ("SendActivation", 1),
                     ("RecvGrad", 0), ("Backward", 0), ("RecvGrad", 1), ("Backward", 1)]
     assert smp._C.pipeline.build_schedule(3, 2, 3) == [
-        ("RecvActivation", 0), ("Forward", 0), ("Backward", 0), ("SendGrad", 0),
-        ("RecvActivation", 1), ("Forward", 1), ("Backward", 1), ("SendGrad", 1),
-        ("RecvActivation", 2), ("Forward", 2), ("Backward", 2), ("SendGrad", 2)]
+        ("RecvActivation", 0), ("Forward", 0), ("Backward", 0), ("RecvActivation", 1),
+        ("SendGrad", 0), ("Forward", 1), ("Backward", 1), ("RecvActivation", 2),
+        ("SendGrad", 1), ("Forward", 2), ("Backward", 2), ("SendGrad", 2)]
     with pytest.raises(smp.ConfigError, match="pipeline schedule 'gpipe' is not known"):
         smp._C.pipeline.build_schedule(2, 0, 2, "gpipe")
 

@@ -162,4 +162,22 @@ for pipeline in ("simple", "interleaved"):
         torch.testing.assert_close(p, ref_params[names[id(p)]], atol=1e-5, rtol=0)
     smp.shutdown()
 
+# With 4 ranks: pp 2 x rdp 2 (ddp), both replicas on the same data; activations
+# travel inside each PP_GROUP.
+if world == 4:
+    smp.init({"pipeline_parallel_degree": 2, "microbatches": 2, "ddp": True})
+    pm = smp.pipeline.PipelineModule(make_model())
+    opt = torch.optim.SGD(pm.local_parameters(), lr=0.1)
+    ref_params, ref_losses = reference(2)
+    for i in range(2):
+        x, y = data(i)
+        opt.zero_grad()
+        loss = train_step(pm, x, y)[0].reduce_mean()
+        assert abs(loss.item() - ref_losses[i]) < 1e-5, (i, loss, ref_losses[i])
+        opt.step()
+    names = {id(p): n for n, p in pm.module.named_parameters()}
+    for p in pm.local_parameters():
+        torch.testing.assert_close(p, ref_params[names[id(p)]], atol=1e-5, rtol=0)
+    smp.shutdown()
+
 print(f"pipeline_train OK {me}", flush=True)
