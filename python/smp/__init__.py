@@ -94,5 +94,7 @@ from smp.tp import (  # noqa: E402
 )
 from smp.model import DistributedModel  # noqa: E402
 from smp.optimizer import DistributedOptimizer  # noqa: E402
+from smp import pipeline  # noqa: E402
+from smp.pipeline import StepOutput, partition, set_partition, step  # noqa: E402
 
 __version__ = _C.version()

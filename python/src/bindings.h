@@ -25,6 +25,8 @@ void bind_nn(pybind11::module_& m);
 void bind_checkpoint(pybind11::module_& m);
 /// model.cc: GradReducer, partition_params, broadcast_from_owners.
 void bind_model(pybind11::module_& m);
+/// pipeline.cc: smp._C.pipeline, the pipeline schedules.
+void bind_pipeline(pybind11::module_& m);
 
 /// A Python dict of smp config keys as a ConfigMap. Values must be bool, int,
 /// float or str; others raise ConfigError naming the key and the type.

@@ -12,4 +12,5 @@ PYBIND11_MODULE(_C, m) {
   smp::python::bind_nn(m);
   smp::python::bind_checkpoint(m);
   smp::python::bind_model(m);
+  smp::python::bind_pipeline(m);
 }

@@ -1,0 +1,262 @@
+"""smp.step and StepOutput: split a batch into microbatches and run a training
+step function once per microbatch, following the pipeline schedule.
+
+    @smp.step
+    def train_step(model, data, target):
+        output = model(data)
+        loss = F.nll_loss(output, target)
+        model.backward(loss)
+        return output, loss
+
+    output_mb, loss_mb = train_step(model, data, target)
+    loss = loss_mb.reduce_mean()
+
+Splitting (``split_microbatches``): every tensor argument, and every tensor
+nested in lists, tuples (named tuples included) and dicts, is split into
+``smp config microbatches`` equal pieces along axis 0, or the axis given in
+``input_split_axes={name: axis}``; arguments named in ``non_split_inputs`` and
+non-tensor values are passed unchanged to every microbatch. A tensor whose size
+along the split axis is not a multiple of microbatches raises smp.ConfigError.
+
+Gradients: ``model.backward(loss)`` inside a step back-propagates
+``loss / microbatches``, so after the step the gradients are the average over
+microbatches, i.e. those of one step on the whole batch with the loss averaged
+over microbatches (smp v1's average_grads_across_microbatches=True).
+
+Return values are detached per microbatch (a StepOutput does not keep the
+autograd graph, hence the activations, alive).
+"""
+
+import functools
+import inspect
+
+import torch
+
+from smp import _C
+from smp.pipeline import engine
+
+
+class StepOutput:
+    """The values one return value of a step function took on each microbatch.
+
+    On the last pipeline stage (every rank when pp_size() == 1) ``outputs`` is
+    the list of per-microbatch values. On the other stages the values live on
+    the last stage: ``reduce_mean()`` and ``reduce_sum()`` are then collectives
+    over PP_GROUP (the last stage broadcasts the reduced value; every stage of
+    the pipeline must call them in the same order), and ``outputs``,
+    ``concat()`` and ``stack()`` raise smp.StateError.
+    """
+
+    def __init__(self, outputs, local=True):
+        self._outputs = list(outputs) if outputs is not None else None
+        self._local = local
+
+    @property
+    def outputs(self):
+        self._require_local("outputs")
+        return self._outputs
+
+    def _require_local(self, what):
+        if not self._local:
+            raise _C.StateError(
+                f"StepOutput.{what} on pipeline stage {_C.pp_rank()} (rank {_C.rank()}): the "
+                f"step's return values exist on the last stage ({_C.pp_size() - 1}) only; call "
+                "reduce_mean()/reduce_sum() (broadcast over PP_GROUP), or use the values where "
+                "smp.pp_rank() == smp.pp_size() - 1")
+
+    def _reduce(self, how):
+        if self._local:
+            value = _reduce_values(self._outputs, how)
+        else:
+            value = None
+        if _C.is_initialized() and _C.pp_size() > 1:
+            value = engine.broadcast_from_last_stage(value)
+        return value
+
+    def reduce_mean(self):
+        """Mean over microbatches (tensors: stacked on a new dim 0, then mean
+        over it; numbers: arithmetic mean). Available on every pipeline stage."""
+        return self._reduce("mean")
+
+    def reduce_sum(self):
+        """Sum over microbatches; available on every pipeline stage."""
+        return self._reduce("sum")
+
+    def concat(self):
+        """torch.cat of the per-microbatch tensors along dim 0 (last stage only)."""
+        self._require_local("concat()")
+        return torch.cat(self._outputs, dim=0)
+
+    def stack(self):
+        """torch.stack of the per-microbatch tensors on a new dim 0 (last stage only)."""
+        self._require_local("stack()")
+        return torch.stack(self._outputs, dim=0)
+
+    def __len__(self):
+        return len(self.outputs)
+
+    def __iter__(self):
+        return iter(self.outputs)
+
+    def __repr__(self):
+        where = f"{len(self._outputs)} microbatches" if self._local else "on the last stage"
+        return f"StepOutput({where})"
+
+
+def _reduce_values(values, how):
+    if all(isinstance(v, torch.Tensor) for v in values):
+        stacked = torch.stack(values, dim=0)
+        return stacked.mean(dim=0) if how == "mean" else stacked.sum(dim=0)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        total = sum(values)
+        return total / len(values) if how == "mean" else total
+    kinds = sorted({type(v).__name__ for v in values})
+    raise _C.NotSupportedError(
+        f"StepOutput.reduce_{how}: the step returned values of type(s) {kinds}; only tensors "
+        "and numbers can be reduced; use .outputs for other values")
+
+
+def _split_value(value, axis, n, where):
+    """n pieces of value (see the module docstring); ``where`` names it in errors."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return [value] * n
+        if not -value.dim() <= axis < value.dim():
+            raise _C.ConfigError(
+                f"smp.step: argument {where} has shape {tuple(value.shape)}, which has no split "
+                f"axis {axis}; set input_split_axes={{name: axis}} to a valid axis or list it in "
+                "non_split_inputs")
+        size = value.shape[axis]
+        if size % n != 0:
+            raise _C.ConfigError(
+                f"smp.step: argument {where} has size {size} along split axis {axis} (shape "
+                f"{tuple(value.shape)}), which is not divisible by microbatches={n}; use a batch "
+                f"size that is a multiple of {n}, change 'microbatches' in smp.init, or list the "
+                "argument in non_split_inputs")
+        return list(torch.split(value, size // n, dim=axis))
+    if isinstance(value, (list, tuple)):
+        parts = [_split_value(v, axis, n, f"{where}[{i}]") for i, v in enumerate(value)]
+        out = []
+        for k in range(n):
+            items = [p[k] for p in parts]
+            if isinstance(value, tuple) and hasattr(value, "_fields"):
+                out.append(type(value)(*items))
+            else:
+                out.append(type(value)(items))
+        return out
+    if isinstance(value, dict):
+        parts = {key: _split_value(v, axis, n, f"{where}[{key!r}]") for key, v in value.items()}
+        out = []
+        for k in range(n):
+            d = type(value)() if type(value) is not dict else {}
+            for key in value:
+                d[key] = parts[key][k]
+            out.append(d)
+        return out
+    return [value] * n
+
+
+def split_microbatches(bound_arguments, n, non_split_inputs=(), input_split_axes=None):
+    """Splits an inspect.BoundArguments' values into n microbatches; returns a
+    list of n (args, kwargs). The first parameter (the model) is never split."""
+    axes = dict(input_split_axes or {})
+    skip = set(non_split_inputs or ())
+    names = list(bound_arguments.signature.parameters)
+    known = set(names)
+    for name in list(skip) + list(axes):
+        if name not in known:
+            raise _C.ConfigError(
+                f"smp.step: '{name}' in non_split_inputs/input_split_axes is not a parameter of "
+                f"the step function (parameters: {names})")
+    per_name = {}
+    for i, (name, value) in enumerate(bound_arguments.arguments.items()):
+        kind = bound_arguments.signature.parameters[name].kind
+        if i == 0 or name in skip:
+            per_name[name] = [value] * n
+        elif kind == inspect.Parameter.VAR_POSITIONAL:
+            parts = [_split_value(v, axes.get(name, 0), n, f"'{name}'[{j}]")
+                     for j, v in enumerate(value)]
+            per_name[name] = [tuple(p[k] for p in parts) for k in range(n)]
+        elif kind == inspect.Parameter.VAR_KEYWORD:
+            parts = {key: _split_value(v, axes.get(key, axes.get(name, 0)), n, f"'{key}'")
+                     if key not in skip else [v] * n for key, v in value.items()}
+            per_name[name] = [{key: parts[key][k] for key in value} for k in range(n)]
+        else:
+            per_name[name] = _split_value(value, axes.get(name, 0), n, f"'{name}'")
+    out = []
+    for k in range(n):
+        ba = inspect.BoundArguments(bound_arguments.signature,
+                                    {name: per_name[name][k] for name in per_name})
+        out.append((ba.args, ba.kwargs))
+    return out
+
+
+def _detach(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (list, tuple)):
+        items = [_detach(v) for v in value]
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return type(value)(*items)
+        return type(value)(items)
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+def step(fn=None, *, non_split_inputs=None, input_split_axes=None, detach_outputs=True):
+    """Decorator for ``fn(model, *args, **kwargs)``: see the module docstring.
+    Usable as ``@smp.step`` or ``@smp.step(non_split_inputs=[...],
+    input_split_axes={...})``. Returns a StepOutput per return value of fn (a
+    tuple of StepOutputs when fn returns a tuple)."""
+    if fn is None:
+        return functools.partial(step, non_split_inputs=non_split_inputs,
+                                 input_split_axes=input_split_axes,
+                                 detach_outputs=detach_outputs)
+    signature = inspect.signature(fn)
+    if not signature.parameters:
+        raise _C.ConfigError(
+            f"smp.step: '{fn.__name__}' takes no arguments; a step function takes the model "
+            "first: def train_step(model, data, target)")
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not _C.is_initialized():
+            raise _C.StateError(f"smp.step '{fn.__name__}' needs smp.init() first")
+        if engine.current_step() is not None:
+            raise _C.StateError(
+                f"smp.step '{fn.__name__}' called inside another smp.step function; "
+                "call step functions from the training loop only")
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise _C.ConfigError(f"smp.step '{fn.__name__}': {e}") from None
+        n = int(_C.config()["microbatches"])
+        pieces = split_microbatches(bound, n, non_split_inputs, input_split_axes)
+        model = bound.arguments[next(iter(signature.parameters))]
+        results = engine.run_step(fn, model, pieces)
+        return _to_step_outputs(results, detach_outputs)
+
+    wrapper._smp_step = True
+    return wrapper
+
+
+def _to_step_outputs(results, detach_outputs):
+    """results: per-microbatch return values on the last stage, or
+    ("remote", structure) elsewhere, structure = number of return values of a
+    tuple or None for a single value."""
+    if isinstance(results, engine.RemoteResults):
+        if results.arity is None:
+            return StepOutput(None, local=False)
+        return tuple(StepOutput(None, local=False) for _ in range(results.arity))
+    if detach_outputs:
+        results = [_detach(r) for r in results]
+    if results and isinstance(results[0], tuple) and not hasattr(results[0], "_fields"):
+        return tuple(StepOutput([r[i] for r in results]) for i in range(len(results[0])))
+    return StepOutput(results)
+
+
+def return_arity(value):
+    """Number of StepOutputs a step returning ``value`` produces: len for a plain
+    tuple, None for a single value."""
+    return len(value) if isinstance(value, tuple) and not hasattr(value, "_fields") else None
