@@ -1,5 +1,5 @@
 """smp.DistributedModel: wraps the user's torch.nn.Module for tensor and data
-parallelism (pipeline partitioning comes later; see _partition).
+parallelism, and with pp_size() > 1 for pipeline parallelism (see _partition).
 
     model = smp.DistributedModel(MyNet())
     optimizer = smp.DistributedOptimizer(torch.optim.Adam(model.parameters()))
@@ -142,6 +142,9 @@ class DistributedModel(torch.nn.Module):
         self._partitioned = False
         self._reducer = None
         self._hook_handles = []
+        # The pipeline stage runner (pp_size() > 1); not a registered child, so
+        # parameters keep their names under self.module.
+        object.__setattr__(self, "_pipe", None)
 
         _broadcast_from_rank0(module)
         if _C.tp_size() > 1:
@@ -173,13 +176,14 @@ class DistributedModel(torch.nn.Module):
         visit(self.module, "")
 
     def _partition(self):
-        """Seam for pipeline partitioning: with pp_size() > 1 this is where the
-        module's layers will be assigned to stages. Today every rank holds the
-        whole (tensor-parallel) model. Runs the post-partition hooks."""
+        """With pp_size() > 1, assigns the module's top-level children to
+        pipeline stages (smp.pipeline.PipelineModule: automatic or manual
+        partitioning); this rank trains only its stage's children. Runs the
+        post-partition hooks."""
         if _C.pp_size() > 1:
-            raise _C.NotSupportedError(
-                f"smp.DistributedModel: pipeline parallelism (pipeline_parallel_degree="
-                f"{_C.pp_size()}) is not implemented yet; use pipeline_parallel_degree 1")
+            from smp.pipeline.module import PipelineModule
+
+            object.__setattr__(self, "_pipe", PipelineModule(self.module))
         self._partitioned = True
         for fn in self._post_partition_hooks:
             fn(self)
@@ -195,19 +199,26 @@ class DistributedModel(torch.nn.Module):
                     full = f"{prefix}.{local}" if prefix else local
                     specs[full] = (spec.get("split_dim"), tuple(spec["global_shape"]),
                                    bool(spec.get("distributed", True)))
+        # Specs of every parameter (also other pipeline stages'); the reducer
+        # averages only this stage's.
+        self._specs = {}
+        self._distributed_ids = set()
         params, names, split_dims, shapes, distributed = [], [], [], [], []
         for name, p in self.module.named_parameters():
+            split, shape, dist = specs.get(name, (None, tuple(p.shape), False))
+            self._specs[name] = {"split_dim": split, "global_shape": tuple(shape),
+                                 "distributed": dist}
+            if dist:
+                self._distributed_ids.add(id(p))
+            if not self._is_local(name):
+                continue
             params.append(p)
             names.append(name)
-            split, shape, dist = specs.get(name, (None, tuple(p.shape), False))
             split_dims.append(split)
             shapes.append(list(shape))
             distributed.append(dist)
         self._param_names = names
         self._params = params
-        self._specs = {n: {"split_dim": s, "global_shape": tuple(g), "distributed": d}
-                       for n, s, g, d in zip(names, split_dims, shapes, distributed)}
-        self._distributed_ids = {id(p) for p, d in zip(params, distributed) if d}
         self._reducer = _C.GradReducer(params, names, split_dims, shapes,
                                        bucket_bytes=self._bucket_bytes, distributed=distributed)
         self_ref = weakref.ref(self)
@@ -249,7 +260,15 @@ class DistributedModel(torch.nn.Module):
         """Backward from ``tensor`` (the loss), then averages the gradients over
         the data-parallel ranks; .grad holds the averages on return. With
         backward_passes_per_step=N, gradients accumulate locally over N calls
-        and are averaged on the N-th."""
+        and are averaged on the N-th. Inside an smp.step function it records the
+        microbatch's loss; the step runs the backward passes on the pipeline
+        schedule and averages the gradients after the last one."""
+        from smp.pipeline import engine
+
+        ctx = engine.current_step()
+        if ctx is not None:
+            ctx.record_backward(tensor, grad_tensors)
+            return
         self._backward_calls += 1
         final = self._backward_calls % self._backward_passes_per_step == 0
         self._hooks_armed = final
@@ -264,7 +283,35 @@ class DistributedModel(torch.nn.Module):
     # ---- module API --------------------------------------------------------
 
     def forward(self, *args, **kwargs):
+        if self._pipe is not None:
+            return self._pipe(*args, **kwargs)
         return self.module(*args, **kwargs)
+
+    # ---- pipeline engine hooks (smp.pipeline.engine) -------------------------
+
+    def _smp_begin_microbatch_backward(self, is_last):
+        # Only the step's last backward produces final gradients to average.
+        self._hooks_armed = bool(is_last)
+
+    def _smp_finish_gradients(self):
+        self._hooks_armed = True
+        self._finished = False
+        self._finish_grads()
+
+    def _smp_stage_device(self):
+        for p in self.local_parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _is_local(self, name):
+        """True when state-dict entry ``name`` belongs to this rank's pipeline stage."""
+        if self._pipe is None:
+            return True
+        return name.split(".", 1)[0] in self._local_children
+
+    @property
+    def _local_children(self):
+        return {n for n, _ in self._pipe._local}
 
     def register_post_partition_hook(self, fn):
         """``fn(model)`` runs once after partitioning; the model is partitioned
@@ -275,22 +322,27 @@ class DistributedModel(torch.nn.Module):
             self._post_partition_hooks.append(fn)
 
     def local_parameters(self, recurse=True):
-        return self.module.parameters(recurse)
+        return (p for _, p in self.local_named_parameters(recurse=recurse))
 
     def local_named_parameters(self, prefix="", recurse=True):
-        return self.module.named_parameters(prefix, recurse)
+        return ((prefix + n, p) for n, p in self.module.named_parameters("", recurse)
+                if self._is_local(n))
 
     def local_modules(self):
-        return self.module.modules()
+        return (m for _, m in self.local_named_modules())
 
     def local_named_modules(self):
-        return self.module.named_modules()
+        if self._pipe is None:
+            return self.module.named_modules()
+        return ((n, m) for n, m in self.module.named_modules()
+                if n and self._is_local(n))
 
     def local_buffers(self, recurse=True):
-        return self.module.buffers(recurse)
+        return (b for _, b in self.local_named_buffers(recurse=recurse))
 
     def local_named_buffers(self, prefix="", recurse=True):
-        return self.module.named_buffers(prefix, recurse)
+        return ((prefix + n, b) for n, b in self.module.named_buffers("", recurse)
+                if self._is_local(n))
 
     def is_distributed_parameter(self, param):
         """True for parameters of tensor-parallel modules (averaged over RDP_GROUP)."""
@@ -306,29 +358,47 @@ class DistributedModel(torch.nn.Module):
         """This rank's parameters and buffers under their original names (shards
         for tensor-parallel ones) and ``"_smp_is_partial": True``."""
         sd = self.module.state_dict(*args, **kwargs)
+        if self._pipe is not None:
+            sd = collections.OrderedDict((k, v) for k, v in sd.items() if self._is_local(k))
         sd["_smp_is_partial"] = True
         return sd
 
     def state_dict(self, *args, gather_to_rank0=True, **kwargs):
         """The full model (full tensors, original names) on world rank 0, ``{}``
         on other ranks; loadable with strict=True into the unwrapped module.
-        Collective over TP_GROUP: every rank with rdp_rank() == 0 must call it;
+        Collective over TP_GROUP (and, with pipeline parallelism, over the
+        PP_GROUP of tp_rank 0): every rank with rdp_rank() == 0 must call it;
         ranks with rdp_rank() > 0 return {} at once. gather_to_rank0=False
         gives local_state_dict()."""
         if not gather_to_rank0:
             return self.local_state_dict(*args, **kwargs)
         if _C.rdp_rank() != 0:
             return {}
-        keep = _C.rank() == 0
-        out = collections.OrderedDict()
-        for full, kind, owner, local in _state_entries(self.module):
-            if kind == "dist":
-                t = owner._smp_gather_full(local)
-            else:
-                t = getattr(owner, local)
-            if keep:
-                out[full] = t.detach()
-        return out if keep else {}
+        entries = _state_entries(self.module)
+        stage = collections.OrderedDict()
+        for full, kind, owner, local in entries:
+            if not self._is_local(full):
+                continue
+            t = owner._smp_gather_full(local) if kind == "dist" else getattr(owner, local)
+            if _C.tp_rank() == 0:
+                stage[full] = t.detach()
+        if self._pipe is None:
+            return stage if _C.rank() == 0 else {}
+        if _C.tp_rank() != 0:
+            return {}
+        # The tp_rank 0 ranks of the stages (one PP_GROUP, holding world rank 0)
+        # send their stages' full tensors to pp_rank 0.
+        from smp._objects import gather
+
+        parts = gather({k: v.cpu() for k, v in stage.items()}, CommGroup.PP_GROUP, rank=0)
+        if _C.rank() != 0:
+            return {}
+        merged = {}
+        for part in parts:
+            merged.update(part)
+        device = next(iter(stage.values())).device if stage else torch.device("cpu")
+        return collections.OrderedDict((full, merged[full].to(device))
+                                       for full, *_ in entries if full in merged)
 
     def load_state_dict(self, state_dict, strict=True, same_partition_load=False):
         """Loads a full state dict (state_dict(), or the unwrapped module's): every
@@ -341,12 +411,17 @@ class DistributedModel(torch.nn.Module):
         partial = bool(sd.pop("_smp_is_partial", False))
         if partial:
             expected = collections.OrderedDict(
-                (k, None) for k in self.module.state_dict(keep_vars=True))
+                (k, None) for k in self.module.state_dict(keep_vars=True) if self._is_local(k))
         else:
             entries = _state_entries(self.module)
             expected = collections.OrderedDict((e[0], e) for e in entries)
         missing = [k for k in expected if k not in sd]
         unexpected = [k for k in sd if k not in expected]
+        if not partial and self._pipe is not None:
+            # A full dict holds every stage; this rank loads its own stage's part.
+            expected = collections.OrderedDict(
+                (k, e) for k, e in expected.items() if self._is_local(k))
+            missing = [k for k in expected if k not in sd]
         if strict and (missing or unexpected):
             raise _C.ConfigError(
                 f"smp.DistributedModel.load_state_dict ({'partial' if partial else 'full'} state "

@@ -110,7 +110,9 @@ class DistributedOptimizer:
         if self._sharded:
             owner = _C.partition_params([p.numel() for p in self._canonical], _C.rdp_size())
             owner_of = {id(p): o for p, o in zip(self._canonical, owner)}
-            self._owner = [owner_of[id(p)] for p in self._params]
+            # Parameters of other pipeline stages never get gradients here;
+            # they count as this rank's (nothing to step, nothing to broadcast).
+            self._owner = [owner_of.get(id(p), _C.rdp_rank()) for p in self._params]
         else:
             self._owner = [_C.rdp_rank()] * len(self._params)
         self._owned = [o == _C.rdp_rank() for o in self._owner]
