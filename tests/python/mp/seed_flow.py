@@ -28,6 +28,14 @@ import smp
 
 DIR = sys.argv[1]
 SHARD = bool(int(sys.argv[2]))
+# SEED_FLOW_DEVICE=cuda: one GPU per rank, NCCL for the CUDA tensors.
+DEVICE_TYPE = os.environ.get("SEED_FLOW_DEVICE", "cpu")
+
+
+def device():
+    if DEVICE_TYPE == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 HIDDEN, CLASSES, BATCH = 16, 4, 16
 
 
@@ -42,7 +50,7 @@ def make_net():
 def build(seed):
     torch.manual_seed(seed)
     with smp.tensor_parallelism():
-        net = make_net()
+        net = make_net().to(device())
     model = smp.DistributedModel(net)
     unique_params = []
     unique_params_set = set()
@@ -67,7 +75,7 @@ def data(step):
     x = torch.randn(BATCH * smp.dp_size(), HIDDEN, generator=g)
     y = torch.randint(0, CLASSES, (BATCH * smp.dp_size(),), generator=g)
     lo = smp.dp_rank() * BATCH
-    return x[lo:lo + BATCH], y[lo:lo + BATCH]
+    return x[lo:lo + BATCH].to(device()), y[lo:lo + BATCH].to(device())
 
 
 def step(model, optimizer, i):
@@ -100,9 +108,15 @@ def same_opt_state(a, b):
     return True
 
 
-def main():
+def init():
     smp.init({"pipeline_parallel_degree": 2, "tensor_parallel_degree": 2, "ddp": True,
               "microbatches": 2, "shard_optimizer_state": SHARD})
+    if DEVICE_TYPE == "cuda":
+        torch.cuda.set_device(smp.local_rank())
+
+
+def main():
+    init()
     model, optimizer = build(seed=0)
     for i in range(3):
         step(model, optimizer, i)
@@ -143,8 +157,7 @@ def main():
 
     # ---- resume in a differently initialised model --------------------------------
     smp.shutdown()
-    smp.init({"pipeline_parallel_degree": 2, "tensor_parallel_degree": 2, "ddp": True,
-              "microbatches": 2, "shard_optimizer_state": SHARD})
+    init()
     model, optimizer = build(seed=777)
     checkpoint = smp.load(ckpt, partial=True)
     model.load_state_dict(checkpoint["model_state_dict"], same_partition_load=True)
@@ -172,7 +185,7 @@ def main():
         plain = make_net()
         plain.load_state_dict(torch.load(full, weights_only=True)["model_state_dict"], strict=True)
         x, _ = data(0)
-        ref = plain(x)
+        ref = plain.to(device())(x)
     # The distributed model's output for the same input, on the last stage.
     @smp.step
     def predict(model, x):
@@ -189,7 +202,7 @@ def main():
                if smp._C.topology().pp_rank(r) == smp.pp_size() - 1
                and smp._C.topology().tp_rank(r) == 0 and smp._C.topology().rdp_rank(r) == 0][0]
         got = smp.recv_from(src, smp.RankType.WORLD_RANK)
-        check(torch.allclose(got, ref, atol=1e-5), "plain model from the full file gives the "
+        check(torch.allclose(got.to(ref.device), ref, atol=1e-5), "plain model from the full file gives the "
               "distributed model's outputs")
     smp.barrier()
     print(f"seed_flow OK {smp.rank()}", flush=True)
