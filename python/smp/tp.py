@@ -215,6 +215,11 @@ def make_distributed(module):
         if entry.init_hook is not None:
             args, kwargs = entry.init_hook(*args, **kwargs)
         new = entry.dist_cls(*args, **{**kwargs, **tp_kwargs})
+        # Built where its constructor puts it (the CPU for smp.nn modules):
+        # move it to the original module's device, as from_module does.
+        first = next(iter(module.parameters()), None)
+        if first is not None:
+            new.to(device=first.device)
         full = module.state_dict()
         for name in full_param_names(new):
             if name in full:

@@ -1,6 +1,10 @@
 """smp.DistributedModel / DistributedOptimizer: training equivalence with plain
-PyTorch under mpirun (mp/model_equivalence.py, every (tp, rdp) grid of 1, 2 and
-4 ranks), and tensor-parallelism marking and registration in one process."""
+PyTorch under mpirun (mp/model_equivalence.py: a model of plain torch modules
+whose Linear, Embedding and a registered user block are replaced by smp.nn's
+tensor-parallel layers; (tp, rdp) in (1,1) (2,1) (4,1) (2,2) (1,4) with 1, 2 and
+4 ranks; SGD and Adam, shard_optimizer_state and prescaled_batch off and on;
+state dicts and error texts), and tensor-parallelism marking and registration
+in one process."""
 
 import pytest
 import torch

@@ -1,8 +1,10 @@
 """smp.DistributedModel / DistributedOptimizer on GPUs: the training
-equivalence script (tests/python/mp/model_equivalence.py) with the model on
-GPU local_rank, so that gradients are averaged through NCCL on the reducer's
-side stream while the tensor-parallel layer runs its own NCCL collectives.
-Skipped with fewer than 2 GPUs."""
+equivalence script (tests/python/mp/model_equivalence.py: smp.nn layers,
+every (tp, rdp) grid of the world, SGD and Adam, shard_optimizer_state and
+prescaled_batch off and on, against plain PyTorch) with the model on GPU
+local_rank, one rank per GPU (min(4, GPUs) ranks), so that gradients are
+averaged through NCCL on the reducer's side stream while the tensor-parallel
+layers run their own NCCL collectives. Skipped with fewer than 2 GPUs."""
 
 import os
 import signal
@@ -16,7 +18,7 @@ from test_nccl import GPUS, REPO, TIMEOUT_S, pytestmark  # noqa: F401
 
 
 def test_model_equivalence_on_gpus():
-    np_ = 4 if GPUS >= 4 else 2
+    np_ = min(4, GPUS)
     cmd = ["mpirun", "-np", str(np_), "--oversubscribe"]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
@@ -38,4 +40,4 @@ def test_model_equivalence_on_gpus():
         pytest.fail(f"timed out after {TIMEOUT_S} s\n{out[-20000:]}", pytrace=False)
     assert proc.returncode == 0, out[-20000:]
     for r in range(np_):
-        assert f"model OK {r}" in out, out[-20000:]
+        assert f"model OK {r} " in out, out[-20000:]
