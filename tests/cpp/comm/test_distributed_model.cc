@@ -142,10 +142,14 @@ void run_steps(const std::string& kind) {
         plain = std::make_shared<PlainNetImpl>();
         load_plain(*plain, full);
         plain_opt = make_optimizer(kind, plain->parameters());
-        // The full state was gathered right: same forward on rank 0's batch.
-        const auto [ids, target] = batch(0, 0);
-        EXPECT_TRUE(at::allclose(net->forward(ids), plain->forward(ids), 0.0, 1e-6));
       }
+    }
+    {
+      // The full state was gathered right: same forward on batch 0 (every
+      // rank runs the tensor-parallel forward, a TP_GROUP collective).
+      const at::Tensor ids = batch(0, 0).first;
+      const at::Tensor out = net->forward(ids);
+      if (root) EXPECT_TRUE(at::allclose(out, plain->forward(ids), 0.0, 1e-6));
     }
     for (int step = 0; step < 3; ++step) {
       const auto [ids, target] = batch(step, dp_rank());
