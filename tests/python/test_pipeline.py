@@ -252,3 +252,11 @@ def test_chain_tracing(smp_single):
 def test_pipelined_training_matches_pytorch(np):
     out = run_mpi(np, "pipeline_train.py", np).stdout
     assert ok_ranks(out, "pipeline_train") == list(range(np)), out
+
+
+def test_pipeline_through_distributed_model_matches_pytorch():
+    """pp2 x tp2, pp2 x rdp2 and pp4 through smp.DistributedModel and
+    DistributedOptimizer, both schedules, microbatches 1/2/4, a Sequential and a
+    two-submodule model: parameters equal plain PyTorch on the global batch."""
+    out = run_mpi(4, "pipeline_model_equivalence.py").stdout
+    assert ok_ranks(out, "pipeline_model") == [0, 1, 2, 3], out
