@@ -53,8 +53,9 @@ class PipelinedSequential {
   /// config().microbatches equal pieces along dim 0 (the batch size must be
   /// divisible by it). The last stage back-propagates loss(mb) / microbatches
   /// for each microbatch; gradients accumulate into the local parameters'
-  /// .grad (the caller zeroes them). Returns the mean of the microbatch losses
-  /// on every stage (broadcast over PP_GROUP). Collective over PP_GROUP (and
+  /// .grad (the caller zeroes them); with rdp > 1 they are then averaged over
+  /// RDP_GROUP. Returns the mean of this replica's microbatch losses on every
+  /// stage (broadcast over PP_GROUP; not averaged over replicas). Collective over PP_GROUP (and
   /// RDP_GROUP when rdp > 1): every rank of the pipeline must call it.
   double step(const at::Tensor& input, const at::Tensor& target, const LossFn& loss);
 

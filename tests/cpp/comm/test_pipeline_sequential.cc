@@ -110,6 +110,47 @@ TEST_F(PipelineSequentialTest, StepsMatchThePlainSequential) {
   }
 }
 
+// pp 2 with replicated data parallelism: each replica trains on its own batch;
+// step() averages the local gradients over RDP_GROUP, so every stage equals the
+// plain Sequential trained on the union of the replicas' batches.
+TEST_F(PipelineSequentialTest, DataParallelReplicasMatchThePlainSequentialOnTheUnion) {
+  const int w = world_size();
+  if (w < 4 || w % 2 != 0) GTEST_SKIP() << "needs an even world of 4 or more, runs with " << w;
+  init({{"pipeline_parallel_degree", std::int64_t{2}},
+        {"ddp", true},
+        {"microbatches", std::int64_t{2}},
+        {"pipeline", std::string("interleaved")}});
+  ASSERT_EQ(rdp_size(), w / 2);
+  PipelinedSequential pipe(make_net());
+  torch::optim::SGD opt(pipe.local_parameters(), torch::optim::SGDOptions(0.1));
+  torch::nn::Sequential plain = make_net();
+  torch::optim::SGD plain_opt(plain->parameters(), torch::optim::SGDOptions(0.1));
+  for (int step = 0; step < 3; ++step) {
+    opt.zero_grad();
+    const int r = rdp_rank();
+    const double loss = pipe.step(input_of(step + 10 * r), target_of(step + 10 * r), mse);
+    opt.step();
+    std::vector<at::Tensor> ins, tgts;
+    for (int d = 0; d < rdp_size(); ++d) {
+      ins.push_back(input_of(step + 10 * d));
+      tgts.push_back(target_of(step + 10 * d));
+    }
+    {
+      torch::NoGradGuard no_grad;
+      EXPECT_NEAR(loss, mse(plain->forward(ins[r]), tgts[r]).item<double>(), 1e-5);
+    }
+    plain_opt.zero_grad();
+    mse(plain->forward(at::cat(ins)), at::cat(tgts)).backward();
+    plain_opt.step();
+  }
+  for (int i = pipe.first_layer(); i < pipe.end_layer(); ++i) {
+    const auto mine = pipe.sequential()->ptr(i)->parameters();
+    const auto ref = plain->ptr(i)->parameters();
+    for (std::size_t k = 0; k < mine.size(); ++k)
+      EXPECT_TRUE(at::allclose(mine[k], ref[k], 0.0, 1e-5)) << "layer " << i;
+  }
+}
+
 TEST_F(PipelineSequentialTest, ErrorsNameTheFix) {
   const int w = world_size();
   if (w != 2 && w != 4) GTEST_SKIP() << "needs 2 or 4 ranks, runs with " << w;
