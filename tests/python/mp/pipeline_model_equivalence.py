@@ -15,6 +15,7 @@ interleaved; microbatches 1, 2, 4. Prints "pipeline_model OK <rank> (<n> cases)"
 """
 
 import itertools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,14 @@ import torch.nn.functional as F
 import smp
 
 IN, HID, OUT, GLOBAL_BATCH, STEPS = 8, 12, 4, 16, 5
+# PIPELINE_MODEL_DEVICE=cuda: one GPU per rank, activations and gradients over NCCL.
+DEVICE_TYPE = os.environ.get("PIPELINE_MODEL_DEVICE", "cpu")
+
+
+def device():
+    if DEVICE_TYPE == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class TwoNets(torch.nn.Module):
@@ -48,7 +57,8 @@ MODELS = {"sequential": sequential, "two_nets": TwoNets}
 
 def global_batch(step):
     g = torch.Generator().manual_seed(50 + step)
-    return (torch.randn(GLOBAL_BATCH, IN, generator=g), torch.randn(GLOBAL_BATCH, OUT, generator=g))
+    return (torch.randn(GLOBAL_BATCH, IN, generator=g).to(device()),
+            torch.randn(GLOBAL_BATCH, OUT, generator=g).to(device()))
 
 
 @smp.step
@@ -62,12 +72,14 @@ def run_case(layout, schedule, microbatches, model_name, optimizer_name):
     pp, tp = layout
     smp.init({"pipeline_parallel_degree": pp, "tensor_parallel_degree": tp, "ddp": True,
               "microbatches": microbatches, "pipeline": schedule})
+    if DEVICE_TYPE == "cuda":
+        torch.cuda.set_device(smp.local_rank())
     try:
         torch.manual_seed(3)
-        reference = MODELS[model_name]()
+        reference = MODELS[model_name]().to(device())
         torch.manual_seed(3)
         with smp.tensor_parallelism():
-            net = MODELS[model_name]()
+            net = MODELS[model_name]().to(device())
         model = smp.DistributedModel(net)
         make_opt = (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)) \
             if optimizer_name == "sgd" else (lambda ps: torch.optim.Adam(ps, lr=1e-2))
@@ -85,7 +97,7 @@ def run_case(layout, schedule, microbatches, model_name, optimizer_name):
             ref_loss.backward()
             ref_opt.step()
             # The mean loss over microbatches of this rank's share, on every stage.
-            mine = torch.tensor([out.reduce_mean()])
+            mine = torch.tensor([float(out.reduce_mean())], device=device())
             smp.comm.allreduce(mine, group=smp.DP_GROUP, op=smp.ReduceOp.AVG)
             if abs(float(mine) - float(ref_loss)) > 1e-5:
                 raise AssertionError(f"{layout} {schedule} mb{microbatches} {model_name}: step "
@@ -96,8 +108,8 @@ def run_case(layout, schedule, microbatches, model_name, optimizer_name):
             if full.keys() != ref.keys():
                 raise AssertionError(f"state dict keys {sorted(full)} != {sorted(ref)}")
             for name, value in ref.items():
-                if not torch.allclose(full[name], value, atol=1e-5, rtol=0):
-                    diff = (full[name] - value).abs().max().item()
+                if not torch.allclose(full[name].to(value.device), value, atol=1e-5, rtol=0):
+                    diff = (full[name].to(value.device) - value).abs().max().item()
                     raise AssertionError(
                         f"pp{pp} tp{tp} rdp{smp.rdp_size()} {schedule} mb{microbatches} "
                         f"{model_name} {optimizer_name}: parameter {name} differs by {diff}")
