@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one call, from the repo root of a GPU machine with no
 # network: configure and build with NCCL, run ctest (the CPU MPI tests), then
-# pytest tests/python (the GPU tests under tests/python/gpu run one rank per
+# pytest tests/python/gpu (the GPU tests run one rank per
 # GPU under mpirun).
 #
 #   bash tests/gpu/run.sh
@@ -21,7 +21,8 @@
 #                          build folder persists, so a later call can run
 #                          "build pytest" (an incremental build) in its own time
 #   SMP_GPU_CTEST_JOBS     ctest -j (default 2)
-#   SMP_GPU_PYTEST_PATHS   what pytest runs (default tests/python)
+#   SMP_GPU_PYTEST_PATHS   what pytest runs (default tests/python/gpu: the GPU tests;
+#                          the CPU suite runs in CI and does not fit one device call)
 #   SMP_GPU_PYTEST_ARGS    extra pytest arguments (e.g. "-x -k nccl")
 #
 # Every step after the build runs even when an earlier one failed; the exit
@@ -190,7 +191,7 @@ else
 fi
 
 # ---- 3. pytest -------------------------------------------------------------------
-read -r -a PYTEST_PATHS <<<"${SMP_GPU_PYTEST_PATHS:-tests/python}"
+read -r -a PYTEST_PATHS <<<"${SMP_GPU_PYTEST_PATHS:-tests/python/gpu}"
 if ! wanted pytest; then
   :
 elif [ "$rc" -ne 0 ]; then
