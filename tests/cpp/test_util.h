@@ -67,4 +67,16 @@ inline bool copy_file(const std::string& from, const std::string& to) {
 
 inline void remove_file(const std::string& path) { ::unlink(path.c_str()); }
 
+/// Runs `body` and returns the message of the E it throws ("" if none; another
+/// exception type propagates and fails the test).
+template <typename E, typename F>
+std::string error_of(F&& body) {
+  try {
+    body();
+  } catch (const E& e) {
+    return e.what();
+  }
+  return "";
+}
+
 }  // namespace smp::test

@@ -2,6 +2,8 @@
 // (GradReducer) over DP_GROUP and RDP_GROUP on several grids, bucketing,
 // unused parameters, and sharded optimizer state helpers.
 #include <gtest/gtest.h>
+
+#include "test_util.h"
 #include <mpi.h>
 
 #include <algorithm>
@@ -44,15 +46,7 @@ std::vector<std::pair<int, int>> grids() {
   return out;
 }
 
-template <typename E, typename F>
-std::string error_of(F&& body) {
-  try {
-    body();
-  } catch (const E& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 class ModelEngineTest : public ::testing::Test {
  protected:

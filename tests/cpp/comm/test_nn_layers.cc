@@ -3,6 +3,8 @@
 // computation done locally on every rank from the same seeded full weights and
 // the union of the TP group's batches.
 #include <gtest/gtest.h>
+
+#include "test_util.h"
 #include <mpi.h>
 
 #include <ATen/ATen.h>
@@ -93,15 +95,7 @@ class NnTest : public ::testing::Test {
   }
 };
 
-template <typename E, typename F>
-std::string error_of(F&& body) {
-  try {
-    body();
-  } catch (const E& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 TEST_F(NnTest, FunctionalForwardAndBackwardAreAdjoint) {
   for (int tp : tp_degrees()) {

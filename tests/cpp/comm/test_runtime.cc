@@ -3,6 +3,8 @@
 #include "smp/runtime.h"
 
 #include <gtest/gtest.h>
+
+#include "test_util.h"
 #include <mpi.h>
 
 #include <algorithm>
@@ -63,16 +65,7 @@ class RuntimeTest : public ::testing::Test {
   }
 };
 
-/// Runs `body` and returns the message of the E it throws ("" if none).
-template <typename E, typename F>
-std::string error_of(F&& body) {
-  try {
-    body();
-  } catch (const E& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 TEST_F(RuntimeTest, EveryGridAgreesWithTopology) {
   const int world = mpi_size();
