@@ -2,7 +2,7 @@
 PyTorch under mpirun (mp/model_equivalence.py: a model of plain torch modules
 whose Linear, Embedding and a registered user block are replaced by smp.nn's
 tensor-parallel layers; (tp, rdp) in (1,1) (2,1) (4,1) (2,2) (1,4) with 1, 2 and
-4 ranks; SGD and Adam, shard_optimizer_state and prescaled_batch off and on;
+4 ranks, (1,8) (2,4) (4,2) with 8; SGD and Adam, shard_optimizer_state and prescaled_batch off and on;
 state dicts and error texts), and tensor-parallelism marking and registration
 in one process."""
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("np", [1, 2, 4])
+@pytest.mark.parametrize("np", [1, 2, 4, 8])
 def test_training_equivalence(np):
     out = run_mpi(np, "model_equivalence.py", np).stdout
     assert ok_ranks(out, "model") == list(range(np)), out

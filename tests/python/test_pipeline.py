@@ -254,9 +254,12 @@ def test_pipelined_training_matches_pytorch(np):
     assert ok_ranks(out, "pipeline_train") == list(range(np)), out
 
 
-def test_pipeline_through_distributed_model_matches_pytorch():
-    """pp2 x tp2, pp2 x rdp2 and pp4 through smp.DistributedModel and
-    DistributedOptimizer, both schedules, microbatches 1/2/4, a Sequential and a
-    two-submodule model: parameters equal plain PyTorch on the global batch."""
-    out = run_mpi(4, "pipeline_model_equivalence.py").stdout
-    assert ok_ranks(out, "pipeline_model") == [0, 1, 2, 3], out
+@pytest.mark.mpi
+@pytest.mark.parametrize("np", [4, 8])
+def test_pipeline_through_distributed_model_matches_pytorch(np):
+    """Through smp.DistributedModel and DistributedOptimizer, both schedules,
+    microbatches 1/2/4, a Sequential and a two-submodule model: parameters equal
+    plain PyTorch on the global batch. 4 ranks: pp2 x tp2, pp2 x rdp2, pp4;
+    8 ranks: pp2 x tp2 x rdp2 and pp4 x tp2."""
+    out = run_mpi(np, "pipeline_model_equivalence.py").stdout
+    assert ok_ranks(out, "pipeline_model") == list(range(np)), out

@@ -36,3 +36,15 @@ def test_tensor_collectives_single_process(smp_single):
     assert torch.equal(smp.comm.broadcast(torch.ones(2), 0, smp.DP_GROUP), torch.ones(2))
     with pytest.raises(smp.ConfigError, match="timeout must be a positive number of seconds"):
         smp.comm.allreduce(t, smp.WORLD, timeout=0)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("np_", [4, 8])
+def test_gpu_collectives_script_on_cpu_tensors(np_):
+    """tests/python/gpu/mp/nccl_collectives.py (the GPU suite's collective
+    checks, every layout of the world size, RDP_GROUP included) on CPU tensors
+    over MPI: validates the script the GPU runs at 4 and 8 ranks, and the host
+    communicator on the full tp2 x pp2 x rdp2 grid."""
+    out = run_mpi(np_, "../gpu/mp/nccl_collectives.py",
+                  env={"NCCL_COLLECTIVES_DEVICE": "cpu"}).stdout
+    assert "nccl_collectives: OK" in out, out

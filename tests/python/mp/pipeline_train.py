@@ -1,7 +1,9 @@
 # mpirun -np 2 or 4 (pp = world size): training with smp.step over a pipelined
 # Sequential equals plain PyTorch on the full batch, for microbatches 1, 2, 4
-# and both schedules; plus the in-flight bound, evaluation steps, StepOutput on
-# every stage and error texts.
+# and both schedules; plus activation memory in bytes (autograd's saved tensors,
+# counted through saved_tensors_hooks: interleaved keeps at most
+# min(pp - stage, active_microbatches) microbatches' worth, simple all of them),
+# the in-flight bound, evaluation steps, StepOutput on every stage and error texts.
 import sys
 
 import torch
@@ -80,6 +82,90 @@ for pipeline in ("simple", "interleaved"):
         if pipeline == "simple":
             assert stats["max_live_microbatches"] == mbs, stats
         smp.shutdown()
+
+class SavedActivationBytes:
+    """Bytes of activations that autograd keeps for backward on this rank:
+    installed with torch.autograd.graph.saved_tensors_hooks, it counts every
+    saved tensor once (parameters excluded) from the forward that
+    saves it until autograd frees the graph node holding it. `peak` is the
+    largest total alive at once."""
+
+    class _Held:
+        def __init__(self, owner, key, tensor):
+            self.owner, self.key, self.tensor = owner, key, tensor
+
+        def __del__(self):
+            self.owner._release(self.key)
+
+    def __init__(self, params):
+        self.params = {p.untyped_storage().data_ptr() for p in params}
+        self.refs = {}  # (data pointer, bytes) -> [bytes, references]
+        self.alive = 0
+        self.peak = 0
+
+    def pack(self, t):
+        if t.untyped_storage().data_ptr() in self.params or t.numel() == 0:
+            return t
+        # Per tensor view, not per storage: microbatches are views of one batch.
+        nbytes = t.numel() * t.element_size()
+        key = (t.data_ptr(), nbytes)
+        entry = self.refs.setdefault(key, [nbytes, 0])
+        if entry[1] == 0:
+            self.alive += entry[0]
+            self.peak = max(self.peak, self.alive)
+        entry[1] += 1
+        return self._Held(self, key, t)
+
+    @staticmethod
+    def unpack(held):
+        return held.tensor if isinstance(held, SavedActivationBytes._Held) else held
+
+    def _release(self, key):
+        entry = self.refs[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.alive -= entry[0]
+            del self.refs[key]
+
+    def measure(self, fn, *args):
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+            fn(*args)
+        assert self.alive == 0, f"{self.alive} activation bytes still alive after the step"
+        return self.peak
+
+
+def peak_activation_bytes(microbatches, pipeline, batch, active=None):
+    """(peak saved-activation bytes of one training step, pp_rank)."""
+    cfg = {"pipeline_parallel_degree": world, "microbatches": microbatches, "pipeline": pipeline}
+    if active is not None:
+        cfg["active_microbatches"] = active
+    smp.init(cfg)
+    try:
+        pm = smp.pipeline.PipelineModule(make_model())
+        x, y = data(0)
+        peak = SavedActivationBytes(pm.module.parameters()).measure(
+            train_step, pm, x[:batch], y[:batch])
+        return peak, smp.pp_rank()
+    finally:
+        smp.shutdown()
+
+
+# Memory in bytes, measured (not the engine's own count): the activations one
+# microbatch leaves for backward on this stage, then 4 microbatches of the same
+# size. simple holds all 4 at the end of its forwards; interleaved (1F1B) holds
+# at most pp - stage of them, and at most active_microbatches.
+MB = BATCH // 4
+one, stage = peak_activation_bytes(1, "simple", MB)
+assert one > 0, one
+simple, _ = peak_activation_bytes(4, "simple", BATCH)
+assert simple == 4 * one, (stage, simple, one)
+inter, _ = peak_activation_bytes(4, "interleaved", BATCH)
+assert inter <= min(4, world - stage) * one, (stage, inter, one)
+for active in (1, 2):
+    bounded, _ = peak_activation_bytes(4, "interleaved", BATCH, active)
+    assert bounded <= active * one, (stage, active, bounded, one)
+print(f"activation bytes (stage {stage}): one microbatch {one}, 4 microbatches: simple "
+      f"{simple}, interleaved {inter}", flush=True)
 
 # In-flight bound: active_microbatches 1 and 2 with 4 microbatches.
 for active in (1, 2):

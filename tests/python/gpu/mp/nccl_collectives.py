@@ -28,7 +28,7 @@ import torch
 import smp
 
 DTYPES = (torch.float32, torch.bfloat16, torch.int64)
-GROUPS = ("TP_GROUP", "DP_GROUP", "PP_GROUP", "WORLD")
+GROUPS = ("TP_GROUP", "DP_GROUP", "PP_GROUP", "RDP_GROUP", "WORLD")
 # Rank types whose groups get a send/recv chain, and the group of each.
 RANK_TYPES = (("PP_RANK", "PP_GROUP"), ("TP_RANK", "TP_GROUP"), ("WORLD_RANK", "WORLD"))
 BANDWIDTH_BYTES = 64 << 20
@@ -41,6 +41,14 @@ def synchronize():
 
 
 def layouts(world):
+    if world == 8:
+        # Issue 6: the one grid in which every group kind has two members.
+        return [
+            {"pipeline_parallel_degree": 2, "tensor_parallel_degree": 2, "ddp": True},
+            {"pipeline_parallel_degree": 4, "tensor_parallel_degree": 2, "ddp": True},
+            {"tensor_parallel_degree": 4, "ddp": True},
+            {"pipeline_parallel_degree": 8},
+        ]
     if world == 4:
         return [
             {"pipeline_parallel_degree": 2, "tensor_parallel_degree": 2, "ddp": True},
@@ -64,13 +72,14 @@ def members_of(group):
     }[group]()
 
 
-def pattern(numel_or_shape, dtype, device):
-    """1..7 repeating: small integers, exact in every tested dtype."""
+def pattern(numel_or_shape, dtype, device, shift=0):
+    """1..7 repeating (starting at shift % 7 + 1): small integers, exact in every
+    tested dtype."""
     shape = (numel_or_shape,) if isinstance(numel_or_shape, int) else tuple(numel_or_shape)
     numel = 1
     for s in shape:
         numel *= s
-    base = torch.arange(numel, device=device) % 7 + 1
+    base = (torch.arange(numel, device=device) + shift) % 7 + 1
     return base.reshape(shape).to(dtype)
 
 
@@ -160,11 +169,14 @@ def check_group(checker, section, group_name, device):
         out = smp.comm.allgather(t, group)
         expected = torch.stack([(m + 1) * base for m in members])
         checker.expect(section, f"{tag} allgather", out, expected)
-        # reduce_scatter: input [n*2, 5], block j = (world + 1) * (j + 1) * pattern
-        block = pattern((2, 5), dtype, device)
-        t = torch.cat([(me + 1) * (j + 1) * block for j in range(n)])
+        # reduce_scatter: input [n*2, 5], block j = (world rank + 1) * pattern shifted by j.
+        # Every partial sum stays <= 36 * 7 = 252 up to 8 members: exact in bfloat16.
+        def block(j):
+            return pattern((2, 5), dtype, device, shift=j)
+
+        t = torch.cat([(me + 1) * block(j) for j in range(n)])
         out = smp.comm.reduce_scatter(t, group, smp.ReduceOp.SUM)
-        expected = sum(m + 1 for m in members) * (r + 1) * block
+        expected = sum(m + 1 for m in members) * block(r)
         checker.expect(section, f"{tag} reduce_scatter", out, expected)
         # broadcast from the first and from the last group rank
         for root in sorted({0, n - 1}):
