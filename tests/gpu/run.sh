@@ -24,6 +24,11 @@
 #   SMP_GPU_PYTEST_PATHS   what pytest runs (default tests/python/gpu: the GPU tests;
 #                          the CPU suite runs in CI and does not fit one device call)
 #   SMP_GPU_PYTEST_ARGS    extra pytest arguments (e.g. "-x -k nccl")
+#   SMP_GPU_STEPS=bench    (also) the checkpoint benchmark on every GPU: smp
+#                          vs torch.save in one run (SMP_BENCH_GB per rank,
+#                          default 2), then SMP_GPU_PEER_SCRIPT when set (the
+#                          peer baseline, run with torchrun on the same disk);
+#                          SMP_GPU_BENCH_DIR picks the disk (default: TMPDIR)
 #
 # Every step after the build runs even when an earlier one failed; the exit
 # status is non-zero when any step failed.
@@ -221,6 +226,38 @@ else
         -x PYTHONPATH -x NCCL_NVLS_ENABLE -x SMP_COMM_TIMEOUT python3 "$script"
       record "mpirun -np $np $script" "$?"
     done
+  fi
+fi
+
+# ---- 4. benchmark (only when SMP_GPU_STEPS names "bench") ---------------------------
+# smp.save/smp.load against per-rank torch.save/torch.load of the same CUDA state
+# (tests/bench/checkpoint_bench.py), then, when SMP_GPU_PEER_SCRIPT names the
+# peer baseline (a torchrun script: torch.save and DCP), that script on the same
+# disk and GB per rank, in the same call.
+BENCH_LOG="$LOG_DIR/gpu_bench.log"
+if wanted bench; then
+  : >"$BENCH_LOG"
+  gpus="$(python3 -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)"
+  bench_dir="${SMP_GPU_BENCH_DIR:-${TMPDIR:-/tmp}/smp_gpu_bench}"
+  export SMP_BENCH_GB="${SMP_BENCH_GB:-2}" SMP_BENCH_DEVICE=cuda SMP_BENCH_DIR="$bench_dir/smp"
+  if [ "$rc" -ne 0 ] || [ "$gpus" -lt 1 ]; then
+    record "bench" "skipped: build failed or no GPU"
+  else
+    MPIRUN=(mpirun -np "$gpus" --oversubscribe)
+    [ "$(id -u)" = 0 ] && MPIRUN+=(--allow-run-as-root)
+    step "${MPIRUN[*]} python3 tests/bench/checkpoint_bench.py (SMP_BENCH_GB=$SMP_BENCH_GB)" | tee -a "$BENCH_LOG"
+    df -h "${TMPDIR:-/tmp}" 2>&1 | tee -a "$BENCH_LOG"
+    bounded "$BENCH_LOG" "${MPIRUN[@]}" -x PYTHONPATH -x SMP_BENCH_GB -x SMP_BENCH_DEVICE \
+      -x SMP_BENCH_DIR -x NCCL_NVLS_ENABLE -x OMP_NUM_THREADS python3 tests/bench/checkpoint_bench.py
+    record "bench: smp vs torch.save ($gpus ranks)" "$?"
+    rm -rf "$bench_dir"
+    if [ -n "${SMP_GPU_PEER_SCRIPT:-}" ]; then
+      step "torchrun --nproc_per_node $gpus $SMP_GPU_PEER_SCRIPT (PB_GB_PER_RANK=$SMP_BENCH_GB)" | tee -a "$BENCH_LOG"
+      bounded "$BENCH_LOG" env PB_GB_PER_RANK="$SMP_BENCH_GB" PB_DIR="$bench_dir/peer" \
+        python3 -m torch.distributed.run --standalone --nproc_per_node "$gpus" "$SMP_GPU_PEER_SCRIPT"
+      record "bench: peer baseline (torch.save, DCP)" "$?"
+      rm -rf "$bench_dir"
+    fi
   fi
 fi
 

@@ -255,11 +255,11 @@ def test_pipelined_training_matches_pytorch(np):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("np", [4, 8])
+@pytest.mark.parametrize("np", [2, 4, 8])
 def test_pipeline_through_distributed_model_matches_pytorch(np):
     """Through smp.DistributedModel and DistributedOptimizer, both schedules,
     microbatches 1/2/4, a Sequential and a two-submodule model: parameters equal
-    plain PyTorch on the global batch. 4 ranks: pp2 x tp2, pp2 x rdp2, pp4;
+    plain PyTorch on the global batch. 2 ranks: pp2; 4: pp2 x tp2, pp2 x rdp2, pp4;
     8 ranks: pp2 x tp2 x rdp2 and pp4 x tp2."""
     out = run_mpi(np, "pipeline_model_equivalence.py").stdout
     assert ok_ranks(out, "pipeline_model") == list(range(np)), out

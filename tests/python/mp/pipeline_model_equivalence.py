@@ -10,7 +10,7 @@ smp.DistributedModel and trained with smp.DistributedOptimizer inside an
 global batch, split into `microbatches`. The reference is the plain model trained
 on the whole global batch. After the steps the full parameters gathered with
 state_dict(gather_to_rank0=True) must equal the reference's (fp32, atol 1e-5).
-Layouts on 4 ranks: pp2 x tp2, pp2 x rdp2, pp4; on 8 ranks: pp2 x tp2 x rdp2
+Layouts on 2 ranks: pp2; on 4: pp2 x tp2, pp2 x rdp2, pp4; on 8: pp2 x tp2 x rdp2
 and pp4 x tp2; schedules simple and interleaved; microbatches 1, 2, 4.
 Prints "pipeline_model OK <rank> (<n> cases)".
 """
@@ -130,8 +130,16 @@ def cases_for(world):
         cases.append(((2, 2), "interleaved", 4, "two_nets", "adam"))
         cases.append(((4, 2), "interleaved", 4, "sequential", "adam"))
         return cases
+    if world == 2:
+        # pp2 alone (what 2 GPUs allow): both schedules, microbatches 1/2/4, both
+        # models, SGD and Adam.
+        for schedule, microbatches in itertools.product(["simple", "interleaved"], [1, 2, 4]):
+            model_name = "two_nets" if microbatches == 2 else "sequential"
+            cases.append(((2, 1), schedule, microbatches, model_name, "sgd"))
+        cases.append(((2, 1), "interleaved", 4, "two_nets", "adam"))
+        return cases
     if world != 4:
-        raise SystemExit(f"pipeline_model_equivalence.py runs on 4 or 8 ranks, not {world}")
+        raise SystemExit(f"pipeline_model_equivalence.py runs on 2, 4 or 8 ranks, not {world}")
     for layout, schedule, microbatches in itertools.product(
             [(2, 2), (2, 1), (4, 1)], ["simple", "interleaved"], [1, 2, 4]):
         if layout == (4, 1) and microbatches == 2:
