@@ -18,7 +18,34 @@ What the wrapper does, in order:
    finished gradient to the engine's GradReducer, which averages it over
    DP_GROUP (replicated parameters) or RDP_GROUP (parameters of tensor-parallel
    modules whose shard spec says "distributed": split ones and those held by one
-   tp rank) in buckets while backward runs.
+   tp rank) in buckets while backward runs;
+4. with pp_size() > 1, releases the storage of the parameters and buffers of the
+   other pipeline stages' modules (see below).
+
+Pipeline parallelism and devices. With pp_size() > 1 the module's top-level
+children are assigned to stages (smp.pipeline.PipelineModule) and each rank
+keeps only its own stage's tensors: after wrapping, every parameter and buffer
+of another stage is an empty tensor (0 elements, no storage) that keeps its
+name, dtype, device and requires_grad, so ``model.parameters()`` still lists
+every parameter and ``torch.optim.X(model.parameters())`` works (released
+parameters never get a gradient, so optimizers skip them). This stage's tensors
+are local_parameters() / local_buffers() (local_named_parameters(), ...). The
+state dicts and DistributedOptimizer cover only this stage's tensors on each
+rank (state_dict(gather_to_rank0=True) gathers the stages' parts), and
+param_spec(name) keeps every parameter's full shape. Running another stage's
+module directly (through model.module) fails: its tensors are empty.
+
+The module is not moved to a device by the wrapper. To train a model too large
+for one device, build it on the CPU, wrap it, then move it::
+
+    model = smp.DistributedModel(build_model())     # on the CPU, all stages built
+    model.to(torch.device("cuda", smp.local_rank()))  # moves this stage's tensors only
+
+``model.to()`` / ``.cuda()`` / ``.half()`` ... move or convert the local tensors
+(released ones have no bytes) and rebuild the gradient buckets for the new
+device and dtype; do it before building the optimizer and between steps (not
+while gradients await averaging: smp.StateError). A model already placed on its
+device before wrapping works as well.
 
 Gradients are final after ``model.backward(loss)``. A plain ``loss.backward()``
 also works: DistributedOptimizer.step() then completes the averaging before
@@ -30,8 +57,7 @@ Keyword arguments of smp v1 without a meaning here are accepted and ignored:
 trace_device, trace_execution_times, trace_memory_usage, gradient_as_bucket_view,
 broadcast_buffers (buffers are broadcast once at wrapping), find_unused_parameters
 (unused parameters always count as zero gradients), average_grads_across_microbatches
-(gradients are always averaged), overlapping_allreduce (always on). The module is
-not moved to a device: place it before wrapping.
+(gradients are always averaged), overlapping_allreduce (always on).
 """
 
 import collections
@@ -150,7 +176,10 @@ class DistributedModel(torch.nn.Module):
         if _C.tp_size() > 1:
             self._replace_tp_modules()
         self._partition()
+        # Specs (global shapes) need every parameter's full tensor: before the release.
+        self._build_specs()
         self._build_reducer()
+        self._release_other_stages()
         _current = weakref.ref(self)
 
     # ---- construction ------------------------------------------------------
@@ -188,10 +217,12 @@ class DistributedModel(torch.nn.Module):
         for fn in self._post_partition_hooks:
             fn(self)
 
-    def _build_reducer(self):
-        # full name -> (split_dim or None, global shape, distributed). A spec
-        # without "distributed" counts as distributed: its gradient holds the
-        # whole TP group's batches (smp.nn.DistributedModule's convention).
+    def _build_specs(self):
+        """Records {"split_dim", "global_shape", "distributed"} of every parameter
+        (every stage's: the optimizer's state dicts carry them all). Runs before
+        _release_other_stages, while every parameter still has its full shape."""
+        # A spec without "distributed" counts as distributed: its gradient holds
+        # the whole TP group's batches (smp.nn.DistributedModule's convention).
         specs = {}
         for prefix, m in self.module.named_modules():
             if tp.is_dist_module(m):
@@ -199,28 +230,41 @@ class DistributedModel(torch.nn.Module):
                     full = f"{prefix}.{local}" if prefix else local
                     specs[full] = (spec.get("split_dim"), tuple(spec["global_shape"]),
                                    bool(spec.get("distributed", True)))
-        # Specs of every parameter (also other pipeline stages'); the reducer
-        # averages only this stage's.
         self._specs = {}
-        self._distributed_ids = set()
-        params, names, split_dims, shapes, distributed = [], [], [], [], []
         for name, p in self.module.named_parameters():
             split, shape, dist = specs.get(name, (None, tuple(p.shape), False))
             self._specs[name] = {"split_dim": split, "global_shape": tuple(shape),
                                  "distributed": dist}
-            if dist:
+
+    def _build_reducer(self):
+        """(Re)builds the GradReducer over this stage's parameters, from the specs
+        recorded at construction, and hooks each parameter into it."""
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles = []
+        self._distributed_ids = set()
+        params, names, split_dims, shapes, distributed = [], [], [], [], []
+        for name, p in self.module.named_parameters():
+            spec = self._specs.get(name)
+            if spec is None:
+                raise _C.StateError(
+                    f"smp.DistributedModel: parameter '{name}' was not in the model when it was "
+                    "wrapped; add parameters before smp.DistributedModel(...)")
+            if spec["distributed"]:
                 self._distributed_ids.add(id(p))
+            # Parameters of other pipeline stages: released, never averaged here.
             if not self._is_local(name):
                 continue
             params.append(p)
             names.append(name)
-            split_dims.append(split)
-            shapes.append(list(shape))
-            distributed.append(dist)
+            split_dims.append(spec["split_dim"])
+            shapes.append(list(spec["global_shape"]))
+            distributed.append(spec["distributed"])
         self._param_names = names
         self._params = params
         self._reducer = _C.GradReducer(params, names, split_dims, shapes,
                                        bucket_bytes=self._bucket_bytes, distributed=distributed)
+        self._reducer_layout = self._local_layout()
         self_ref = weakref.ref(self)
 
         def hook(index):
@@ -233,6 +277,51 @@ class DistributedModel(torch.nn.Module):
         for i, p in enumerate(params):
             if p.requires_grad:
                 self._hook_handles.append(p.register_post_accumulate_grad_hook(hook(i)))
+
+    def _local_layout(self):
+        """What the reducer's buckets depend on: each local parameter's identity,
+        device and dtype."""
+        return [(id(p), p.device, p.dtype) for p in self.local_parameters()]
+
+    def _release_other_stages(self):
+        """With pp_size() > 1, frees the storage of the parameters and buffers of
+        the other stages' top-level modules: each keeps its name, dtype, device
+        and requires_grad, with an empty (0-element) tensor. Tensors shared with
+        this stage's modules are kept."""
+        if self._pipe is None:
+            return
+        keep = set()
+        for _, child in self._pipe._local:
+            keep.update(id(t) for _, t in child.named_parameters(remove_duplicate=False))
+            keep.update(id(t) for _, t in child.named_buffers(remove_duplicate=False))
+        released = set()
+        with torch.no_grad():
+            for _, child, stage in self._pipe.plan:
+                if stage == self._pipe.stage:
+                    continue
+                tensors = [t for _, t in child.named_parameters(remove_duplicate=False)]
+                tensors += [t for _, t in child.named_buffers(remove_duplicate=False)]
+                for t in tensors:
+                    if id(t) in keep or id(t) in released:
+                        continue
+                    released.add(id(t))
+                    t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+                    if isinstance(t, torch.nn.Parameter):
+                        t.grad = None
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() ...: the released tensors have no bytes to
+        # move; the reducer's buckets follow the local parameters' new device
+        # and dtype.
+        if self._reducer is not None and not self._finished:
+            raise _C.StateError(
+                "smp.DistributedModel: the model was moved or converted (.to(), .cuda(), ...) "
+                "while gradients await averaging; call optimizer.step() (or finish "
+                "model.backward) first, or move the model before training")
+        out = super()._apply(fn, *args, **kwargs)
+        if self._reducer is not None and self._local_layout() != self._reducer_layout:
+            self._build_reducer()
+        return out
 
     def _release(self):
         for h in self._hook_handles:
@@ -349,7 +438,9 @@ class DistributedModel(torch.nn.Module):
         return id(param) in self._distributed_ids
 
     def param_spec(self, name):
-        """{"split_dim", "global_shape", "distributed"} of local parameter ``name``."""
+        """{"split_dim", "global_shape", "distributed"} of parameter ``name``, recorded
+        at wrapping for every parameter (other pipeline stages' too, whose tensors
+        are released here): global_shape is the full, unsplit shape."""
         return self._specs[name]
 
     # ---- state dicts -------------------------------------------------------

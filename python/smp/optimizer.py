@@ -29,6 +29,15 @@ form (or a plain torch optimizer state dict of the same parameter order) and
 matches entries by parameter NAME, so it survives reordering; full state of
 split parameters is sliced to this rank's part.
 
+Pipeline parallelism: the optimizer may list every parameter of the model
+(model.parameters()), but on each rank only this stage's parameters have
+tensors (the others are released, empty, and never get a gradient, so the inner
+optimizer neither steps them nor keeps state for them); sharding assigns owners
+among this stage's parameters; load_state_dict() skips entries of other stages'
+parameters. "_smp_shard_specs" holds every parameter's spec (full shapes
+recorded at wrapping). The state dicts hold this stage's state only: they are
+not gathered over PP_GROUP.
+
 Each parameter must appear once in the optimizer: duplicates raise
 smp.ConfigError at construction (smp v1 could save but not load their state).
 """
@@ -234,7 +243,10 @@ class DistributedOptimizer:
                 f"smp.DistributedOptimizer.load_state_dict: the state dict has "
                 f"{len(saved_groups)} param groups, the optimizer {len(self.optimizer.param_groups)}")
         names_of = {id(p): n for p, n in zip(self._params, self._names)}
-        owned = {n for n, o in zip(self._names, self._owned) if o}
+        # Only this pipeline stage's parameters take state: the others' tensors
+        # are released on this rank (a full torch state dict may hold theirs).
+        local = set(self.model._param_names)
+        owned = {n for n, o in zip(self._names, self._owned) if o and n in local}
         state, groups, index = {}, [], 0
         for g, group in enumerate(self.optimizer.param_groups):
             idx = []

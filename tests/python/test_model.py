@@ -128,3 +128,37 @@ def test_single_process_model_and_errors(smp_single):
     opt.step()
     opt.zero_grad()
     assert net.weight.grad is None
+
+
+def test_moving_the_wrapped_model_rebuilds_the_gradient_buckets(smp_single):
+    """model.to(dtype/device) after wrapping (the documented way for models that
+    do not fit one device): the gradient averaging follows the local parameters'
+    new dtype, so the gradients keep it exactly; a move while gradients await
+    averaging raises."""
+    smp = smp_single
+    smp.init()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    ref = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    ref.load_state_dict(net.state_dict())
+    model = smp.DistributedModel(net)
+    assert model.to(torch.float64) is model
+    ref.double()
+    assert all(p.dtype == torch.float64 for p in model.local_parameters())
+    x = torch.randn(5, 3, dtype=torch.float64)
+    model.backward(model(x).sum())
+    ref(x).sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert p.grad.dtype == torch.float64
+        assert torch.equal(p.grad, q.grad)  # not rounded through float32 buckets
+    opt = smp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.zero_grad()
+    model(x).sum().backward()  # averaging pending until opt.step()
+    with pytest.raises(smp.StateError, match="moved or converted .* while gradients await "
+                       "averaging"):
+        model.to(torch.float32)
+    opt.step()
+    model.float()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    model.backward(model(x.float()).sum())
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())

@@ -260,6 +260,19 @@ def test_pipeline_through_distributed_model_matches_pytorch(np):
     """Through smp.DistributedModel and DistributedOptimizer, both schedules,
     microbatches 1/2/4, a Sequential and a two-submodule model: parameters equal
     plain PyTorch on the global batch. 2 ranks: pp2; 4: pp2 x tp2, pp2 x rdp2, pp4;
-    8 ranks: pp2 x tp2 x rdp2 and pp4 x tp2."""
+    8 ranks: pp2 x tp2 x rdp2 and pp4 x tp2. Every rank holds the bytes of its
+    own stage's parameters and buffers only, also after building on the CPU,
+    wrapping and then model.to(device)."""
     out = run_mpi(np, "pipeline_model_equivalence.py").stdout
     assert ok_ranks(out, "pipeline_model") == list(range(np)), out
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("layout", ["pp2tp2", "pp2rdp2"])
+def test_other_stages_released_state_dicts_and_checkpoints(tmp_path, layout):
+    """With the other stages' tensors released: local_state_dict, smp.save/load,
+    save_checkpoint/resume_from_checkpoint (partial and full), loading the plain
+    model's full state dict and (pp2rdp2, sharded) a plain torch optimizer state
+    dict over every parameter."""
+    out = run_mpi(4, "pipeline_release.py", tmp_path, layout).stdout
+    assert ok_ranks(out, "pipeline_release") == [0, 1, 2, 3], out

@@ -3,6 +3,7 @@
 ``PipelineModule(module)`` partitions ``module``'s top-level children over
 pp_size() stages (smp.pipeline.partition) and keeps them all; this rank runs
 only the children of its stage (``local_modules()``, ``local_parameters()``).
+(smp.DistributedModel, which uses it, then releases the other stages' tensors.)
 With pp_size() > 1 the model's forward is traced once with torch.fx (its
 top-level children as leaves) and must be a chain: one tensor input, then
 operations (submodule calls, torch functions, tensor methods) each taking only

@@ -13,6 +13,14 @@ state_dict(gather_to_rank0=True) must equal the reference's (fp32, atol 1e-5).
 Layouts on 2 ranks: pp2; on 4: pp2 x tp2, pp2 x rdp2, pp4; on 8: pp2 x tp2 x rdp2
 and pp4 x tp2; schedules simple and interleaved; microbatches 1, 2, 4.
 Prints "pipeline_model OK <rank> (<n> cases)".
+
+Memory: right after wrapping (and again after model.to(device)), the bytes held
+by all the model's parameters and buffers (distinct storages) must equal those
+of this stage's local_parameters()/local_buffers(): the other stages' tensors
+are released (empty, same names, dtype and requires_grad; param_spec keeps their
+full shapes). Half of the cases build the model on the CPU, wrap it and then call
+model.to(device) (the documented way for models larger than one device); the
+others place it on the device before wrapping.
 """
 
 import itertools
@@ -47,10 +55,22 @@ class TwoNets(torch.nn.Module):
         return self.net2(self.net1(x))
 
 
+class Shift(torch.nn.Module):
+    """Adds a constant vector: a persistent and a non-persistent buffer, no parameters."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("offset", torch.linspace(-0.1, 0.1, n))
+        self.register_buffer("scratch", torch.zeros(n), persistent=False)
+
+    def forward(self, x):
+        return x + self.offset + self.scratch
+
+
 def sequential():
     return torch.nn.Sequential(
-        torch.nn.Linear(IN, HID), torch.nn.ReLU(), torch.nn.Linear(HID, HID), torch.nn.Tanh(),
-        torch.nn.Linear(HID, HID), torch.nn.ReLU(), torch.nn.Linear(HID, OUT))
+        torch.nn.Linear(IN, HID), Shift(HID), torch.nn.ReLU(), torch.nn.Linear(HID, HID),
+        torch.nn.Tanh(), torch.nn.Linear(HID, HID), torch.nn.ReLU(), torch.nn.Linear(HID, OUT))
 
 
 MODELS = {"sequential": sequential, "two_nets": TwoNets}
@@ -69,7 +89,47 @@ def train_step(model, x, y):
     return loss
 
 
-def run_case(layout, schedule, microbatches, model_name, optimizer_name):
+def held_bytes(tensors):
+    """Bytes of the distinct storages behind ``tensors``."""
+    storages = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        if s.nbytes():
+            storages[(str(s.device), s.data_ptr())] = s.nbytes()
+    return sum(storages.values())
+
+
+def check_released(model, reference, where):
+    """Every rank holds only its stage's parameters and buffers."""
+    local = list(model.local_parameters()) + list(model.local_buffers())
+    everything = list(model.module.parameters()) + list(model.module.buffers())
+    local_ids = {id(t) for t in local}
+    total, mine = held_bytes(everything), held_bytes(local)
+    expected = sum(t.numel() * t.element_size() for t in local)
+    if not (total == mine == expected and mine > 0):
+        raise AssertionError(
+            f"{where} rank {smp.rank()} (pp_rank {smp.pp_rank()}): parameters and buffers hold "
+            f"{total} bytes, this stage's {mine} (numel x element size {expected})")
+    ref_shapes = {n: tuple(t.shape) for n, t in reference.named_parameters()}
+    names = [n for n, _ in model.module.named_parameters()]
+    if smp.tp_size() == 1 and names != list(ref_shapes):
+        raise AssertionError(f"{where}: parameter names {names} != {list(ref_shapes)}")
+    for name, p in model.module.named_parameters():
+        if model.param_spec(name)["global_shape"] != ref_shapes[name]:
+            raise AssertionError(f"{where}: param_spec({name}) {model.param_spec(name)} has not "
+                                 f"the full shape {ref_shapes[name]}")
+        if p.dtype != torch.float32 or not p.requires_grad:
+            raise AssertionError(f"{where}: {name} has dtype {p.dtype}, requires_grad "
+                                 f"{p.requires_grad}")
+        if id(p) not in local_ids and p.numel() != 0:
+            raise AssertionError(f"{where}: {name} of another stage has shape {tuple(p.shape)}")
+    for name, b in model.module.named_buffers():
+        if id(b) not in local_ids and b.numel() != 0:
+            raise AssertionError(f"{where}: buffer {name} of another stage has shape "
+                                 f"{tuple(b.shape)}")
+
+
+def run_case(layout, schedule, microbatches, model_name, optimizer_name, move_after_wrap):
     pp, tp = layout
     smp.init({"pipeline_parallel_degree": pp, "tensor_parallel_degree": tp, "ddp": True,
               "microbatches": microbatches, "pipeline": schedule})
@@ -79,9 +139,20 @@ def run_case(layout, schedule, microbatches, model_name, optimizer_name):
         torch.manual_seed(3)
         reference = MODELS[model_name]().to(device())
         torch.manual_seed(3)
+        where = (f"pp{pp} tp{tp} rdp{smp.rdp_size()} {schedule} mb{microbatches} {model_name} "
+                 f"{optimizer_name}{' moved after wrapping' if move_after_wrap else ''}")
         with smp.tensor_parallelism():
-            net = MODELS[model_name]().to(device())
+            net = MODELS[model_name]()
+        if not move_after_wrap:
+            net = net.to(device())
         model = smp.DistributedModel(net)
+        check_released(model, reference, where)
+        if move_after_wrap:
+            # Built on the CPU, wrapped, then moved: only this stage's tensors move.
+            assert model.to(device()) is model
+            check_released(model, reference, where + " (after .to)")
+            for t in list(model.local_parameters()) + list(model.local_buffers()):
+                assert t.device == device(), (where, t.device)
         make_opt = (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)) \
             if optimizer_name == "sgd" else (lambda ps: torch.optim.Adam(ps, lr=1e-2))
         optimizer = smp.DistributedOptimizer(make_opt(list(model.parameters())))
@@ -101,8 +172,8 @@ def run_case(layout, schedule, microbatches, model_name, optimizer_name):
             mine = torch.tensor([float(out.reduce_mean())], device=device())
             smp.comm.allreduce(mine, group=smp.DP_GROUP, op=smp.ReduceOp.AVG)
             if abs(float(mine) - float(ref_loss)) > 1e-5:
-                raise AssertionError(f"{layout} {schedule} mb{microbatches} {model_name}: step "
-                                     f"{step} loss {float(mine)} != plain {float(ref_loss)}")
+                raise AssertionError(f"{where}: step {step} loss {float(mine)} != plain "
+                                     f"{float(ref_loss)}")
         full = model.state_dict(gather_to_rank0=True) if smp.rdp_rank() == 0 else {}
         if smp.rank() == 0:
             ref = reference.state_dict()
@@ -111,32 +182,33 @@ def run_case(layout, schedule, microbatches, model_name, optimizer_name):
             for name, value in ref.items():
                 if not torch.allclose(full[name].to(value.device), value, atol=1e-5, rtol=0):
                     diff = (full[name].to(value.device) - value).abs().max().item()
-                    raise AssertionError(
-                        f"pp{pp} tp{tp} rdp{smp.rdp_size()} {schedule} mb{microbatches} "
-                        f"{model_name} {optimizer_name}: parameter {name} differs by {diff}")
+                    raise AssertionError(f"{where}: parameter {name} differs by {diff}")
     finally:
         smp.shutdown()
 
 
 def cases_for(world):
-    """Layouts (pp, tp) with ddp on: rdp = world / (pp * tp)."""
+    """(layout (pp, tp), schedule, microbatches, model, optimizer, move after
+    wrapping) with ddp on: rdp = world / (pp * tp)."""
     cases = []
     if world == 8:
         # Issue 6: pp2 x tp2 x rdp2, the grid where every group kind has two
         # members; both schedules, microbatches 1/2/4, both models, SGD and Adam.
         for schedule, microbatches in itertools.product(["simple", "interleaved"], [1, 2, 4]):
             model_name = "two_nets" if microbatches == 2 else "sequential"
-            cases.append(((2, 2), schedule, microbatches, model_name, "sgd"))
-        cases.append(((2, 2), "interleaved", 4, "two_nets", "adam"))
-        cases.append(((4, 2), "interleaved", 4, "sequential", "adam"))
+            cases.append(((2, 2), schedule, microbatches, model_name, "sgd",
+                          schedule == "simple"))
+        cases.append(((2, 2), "interleaved", 4, "two_nets", "adam", True))
+        cases.append(((4, 2), "interleaved", 4, "sequential", "adam", False))
         return cases
     if world == 2:
         # pp2 alone (what 2 GPUs allow): both schedules, microbatches 1/2/4, both
         # models, SGD and Adam.
         for schedule, microbatches in itertools.product(["simple", "interleaved"], [1, 2, 4]):
             model_name = "two_nets" if microbatches == 2 else "sequential"
-            cases.append(((2, 1), schedule, microbatches, model_name, "sgd"))
-        cases.append(((2, 1), "interleaved", 4, "two_nets", "adam"))
+            cases.append(((2, 1), schedule, microbatches, model_name, "sgd",
+                          schedule == "simple"))
+        cases.append(((2, 1), "interleaved", 4, "two_nets", "adam", True))
         return cases
     if world != 4:
         raise SystemExit(f"pipeline_model_equivalence.py runs on 2, 4 or 8 ranks, not {world}")
@@ -145,9 +217,10 @@ def cases_for(world):
         if layout == (4, 1) and microbatches == 2:
             continue
         model_name = "two_nets" if (microbatches == 2 and layout == (2, 2)) else "sequential"
-        cases.append((layout, schedule, microbatches, model_name, "sgd"))
-    cases.append(((2, 2), "interleaved", 4, "two_nets", "adam"))
-    cases.append(((2, 1), "simple", 2, "two_nets", "adam"))
+        cases.append((layout, schedule, microbatches, model_name, "sgd", schedule == "simple"))
+    cases.append(((2, 2), "interleaved", 4, "two_nets", "adam", True))
+    cases.append(((2, 1), "simple", 2, "two_nets", "adam", False))
+    cases.append(((4, 1), "interleaved", 4, "sequential", "adam", True))
     return cases
 
 
