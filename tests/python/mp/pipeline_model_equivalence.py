@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import smp
+from pipeline_common import Shift, held_bytes
 
 IN, HID, OUT, GLOBAL_BATCH, STEPS = 8, 12, 4, 16, 5
 # PIPELINE_MODEL_DEVICE=cuda: one GPU per rank, activations and gradients over NCCL.
@@ -55,18 +56,6 @@ class TwoNets(torch.nn.Module):
         return self.net2(self.net1(x))
 
 
-class Shift(torch.nn.Module):
-    """Adds a constant vector: a persistent and a non-persistent buffer, no parameters."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.register_buffer("offset", torch.linspace(-0.1, 0.1, n))
-        self.register_buffer("scratch", torch.zeros(n), persistent=False)
-
-    def forward(self, x):
-        return x + self.offset + self.scratch
-
-
 def sequential():
     return torch.nn.Sequential(
         torch.nn.Linear(IN, HID), Shift(HID), torch.nn.ReLU(), torch.nn.Linear(HID, HID),
@@ -87,16 +76,6 @@ def train_step(model, x, y):
     loss = F.mse_loss(model(x), y)
     model.backward(loss)
     return loss
-
-
-def held_bytes(tensors):
-    """Bytes of the distinct storages behind ``tensors``."""
-    storages = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        if s.nbytes():
-            storages[(str(s.device), s.data_ptr())] = s.nbytes()
-    return sum(storages.values())
 
 
 def check_released(model, reference, where):
@@ -191,24 +170,17 @@ def cases_for(world):
     """(layout (pp, tp), schedule, microbatches, model, optimizer, move after
     wrapping) with ddp on: rdp = world / (pp * tp)."""
     cases = []
-    if world == 8:
-        # Issue 6: pp2 x tp2 x rdp2, the grid where every group kind has two
-        # members; both schedules, microbatches 1/2/4, both models, SGD and Adam.
+    if world in (2, 8):
+        # 2 ranks: pp2 alone (what 2 GPUs allow). 8 ranks (issue 6): pp2 x tp2 x
+        # rdp2, the grid where every group kind has two members, and pp4 x tp2.
+        # Both schedules, microbatches 1/2/4, both models, SGD and Adam.
+        pp2 = (2, 1) if world == 2 else (2, 2)
         for schedule, microbatches in itertools.product(["simple", "interleaved"], [1, 2, 4]):
             model_name = "two_nets" if microbatches == 2 else "sequential"
-            cases.append(((2, 2), schedule, microbatches, model_name, "sgd",
-                          schedule == "simple"))
-        cases.append(((2, 2), "interleaved", 4, "two_nets", "adam", True))
-        cases.append(((4, 2), "interleaved", 4, "sequential", "adam", False))
-        return cases
-    if world == 2:
-        # pp2 alone (what 2 GPUs allow): both schedules, microbatches 1/2/4, both
-        # models, SGD and Adam.
-        for schedule, microbatches in itertools.product(["simple", "interleaved"], [1, 2, 4]):
-            model_name = "two_nets" if microbatches == 2 else "sequential"
-            cases.append(((2, 1), schedule, microbatches, model_name, "sgd",
-                          schedule == "simple"))
-        cases.append(((2, 1), "interleaved", 4, "two_nets", "adam", True))
+            cases.append((pp2, schedule, microbatches, model_name, "sgd", schedule == "simple"))
+        cases.append((pp2, "interleaved", 4, "two_nets", "adam", True))
+        if world == 8:
+            cases.append(((4, 2), "interleaved", 4, "sequential", "adam", False))
         return cases
     if world != 4:
         raise SystemExit(f"pipeline_model_equivalence.py runs on 2, 4 or 8 ranks, not {world}")

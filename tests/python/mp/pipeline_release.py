@@ -31,23 +31,14 @@ import torch
 import torch.nn.functional as F
 
 import smp
+from pipeline_common import Shift, held_bytes
 
 DIR, LAYOUT = sys.argv[1], sys.argv[2]
 IN, HID, OUT, BATCH = 6, 10, 3, 8
 
 
-class Shift(torch.nn.Module):
-    def __init__(self, n):
-        super().__init__()
-        self.register_buffer("offset", torch.linspace(-0.2, 0.2, n))
-        self.register_buffer("scratch", torch.zeros(n), persistent=False)
-
-    def forward(self, x):
-        return x + self.offset + self.scratch
-
-
 def make_net():
-    return torch.nn.Sequential(torch.nn.Linear(IN, HID), Shift(HID), torch.nn.Tanh(),
+    return torch.nn.Sequential(torch.nn.Linear(IN, HID), Shift(HID, spread=0.2), torch.nn.Tanh(),
                                torch.nn.Linear(HID, HID), torch.nn.ReLU(),
                                torch.nn.Linear(HID, OUT))
 
@@ -56,15 +47,6 @@ def check(cond, what):
     if not cond:
         raise AssertionError(f"pipeline_release {LAYOUT} rank {smp.rank()} (pp_rank "
                              f"{smp.pp_rank()}): {what}")
-
-
-def held_bytes(tensors):
-    storages = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        if s.nbytes():
-            storages[(str(s.device), s.data_ptr())] = s.nbytes()
-    return sum(storages.values())
 
 
 def check_released(model, plain):
