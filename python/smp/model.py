@@ -213,9 +213,25 @@ class DistributedModel(torch.nn.Module):
             from smp.pipeline.module import PipelineModule
 
             object.__setattr__(self, "_pipe", PipelineModule(self.module))
+            self._check_every_tensor_has_a_stage()
         self._partitioned = True
         for fn in self._post_partition_hooks:
             fn(self)
+
+    def _check_every_tensor_has_a_stage(self):
+        """Parameters and persistent buffers outside every stage (the root
+        module's own, or those of a top-level module that forward never calls)
+        would be neither trained nor saved: refuse them."""
+        staged = {n for n, _, _ in self._pipe.plan}
+        names = [n for n, _ in self.module.named_parameters()]
+        names += [n for n in self.module.state_dict(keep_vars=True) if n not in set(names)]
+        orphans = [n for n in names if n.split(".", 1)[0] not in staged]
+        if orphans:
+            raise _C.NotSupportedError(
+                f"smp.DistributedModel: with pipeline_parallel_degree {_C.pp_size()}, "
+                f"{orphans} belong to no pipeline stage (stages hold the top-level modules that "
+                f"forward calls: {sorted(staged)}), so they would be neither trained nor saved; "
+                "move them into a submodule that forward calls, or remove them")
 
     def _build_specs(self):
         """Records {"split_dim", "global_shape", "distributed"} of every parameter

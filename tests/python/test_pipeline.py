@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ok_ranks, run_mpi
+from conftest import ok_ranks, run_mpi, run_mpi_code
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -276,3 +276,43 @@ def test_other_stages_released_state_dicts_and_checkpoints(tmp_path, layout):
     dict over every parameter."""
     out = run_mpi(4, "pipeline_release.py", tmp_path, layout).stdout
     assert ok_ranks(out, "pipeline_release") == [0, 1, 2, 3], out
+
+
+_ORPHANS = """
+import torch, smp
+
+
+class RootParam(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(2, 2)
+        self.b = torch.nn.Linear(2, 2)
+        self.unused = torch.nn.Linear(2, 2)
+        self.scale = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+smp.init({"pipeline_parallel_degree": 2})
+try:
+    smp.DistributedModel(RootParam())
+    raise SystemExit("no error")
+except smp.NotSupportedError as e:
+    text = str(e)
+    for part in ("pipeline_parallel_degree 2", "'unused.weight'", "'unused.bias'", "'scale'",
+                 "belong to no pipeline stage", "['a', 'b']", "would be neither trained nor saved",
+                 "move them into a submodule that forward calls"):
+        assert part in text, (part, text)
+print("orphans OK", smp.rank(), flush=True)
+smp.shutdown()
+"""
+
+
+@pytest.mark.mpi
+def test_tensors_outside_every_stage_are_refused():
+    """A root parameter or a top-level module that forward never calls would be
+    neither trained nor saved with pp > 1: smp.DistributedModel refuses it,
+    naming each tensor."""
+    out = run_mpi_code(2, _ORPHANS).stdout
+    assert ok_ranks(out, "orphans") == [0, 1], out
