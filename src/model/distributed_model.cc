@@ -131,37 +131,10 @@ DistributedModel::DistributedModel(std::shared_ptr<torch::nn::Module> module,
   if (pp_size() > 1)
     SMP_THROW(NotSupportedError, "smp::DistributedModel: pipeline parallelism "
               "(pipeline_parallel_degree=", pp_size(), ") is not implemented yet; use "
-              "pipeline_parallel_degree 1");
+              "pipeline_parallel_degree 1, or smp::PipelinedSequential "
+              "(smp/pipeline/sequential.h) for a torch::nn::Sequential");
 
-  // Shard specs of the parameters of tensor-parallel modules, by full name.
-  std::map<std::string, std::pair<ShardSpec, bool>> specs;
-  for (const auto& m : module_->named_modules()) {
-    auto* sharded = dynamic_cast<nn::ShardedModule*>(m.value().get());
-    if (sharded == nullptr) continue;
-    const std::string prefix = m.key().empty() ? "" : m.key() + ".";
-    for (const auto& s : sharded->shard_specs()) {
-      const bool distributed = nn::find_layout(sharded->layouts(), s.first).distributed();
-      specs.emplace(prefix + s.first, std::make_pair(s.second, distributed));
-    }
-  }
-  for (const auto& p : module_->named_parameters(/*recurse=*/true)) {
-    ParamInfo info;
-    info.name = p.key();
-    info.param = p.value();
-    const auto found = specs.find(p.key());
-    if (found != specs.end()) {
-      info.spec = found->second.first;
-      info.tp_module = found->second.second;
-    } else {
-      info.spec = ShardSpec::replicated(p.value().sizes().vec());
-    }
-    SMP_CHECK(p.value().sizes().vec() == info.spec.local_shape(), ConfigError,
-              "smp::DistributedModel: parameter '", p.key(), "' has shape ", p.value().sizes(),
-              " on rank ", rank(), " (tp_rank ", tp_rank(), ") but its shard spec ",
-              info.spec.describe(), " expects ", at::IntArrayRef(info.spec.local_shape()),
-              "; do not resize the parameters of tensor-parallel modules");
-    infos_.push_back(std::move(info));
-  }
+  infos_ = nn::param_infos(*module_, "smp::DistributedModel");
 
   // Every rank ends with its part of dp rank 0's model (world rank 0's with
   // pp_size 1): replicas over DP_GROUP, parameters of tensor-parallel modules

@@ -163,4 +163,39 @@ at::Tensor DistributedTransformerLayerImpl::forward(const at::Tensor& x,
   return transformer_layer_forward(x, mask, w, o);
 }
 
+std::vector<ParamInfo> param_infos(torch::nn::Module& module, const std::string& who,
+                                   const std::string& prefix) {
+  // Shard specs of the parameters of tensor-parallel modules, by full name.
+  std::map<std::string, std::pair<ShardSpec, bool>> specs;
+  for (const auto& m : module.named_modules()) {
+    auto* sharded = dynamic_cast<ShardedModule*>(m.value().get());
+    if (sharded == nullptr) continue;
+    const std::string at = m.key().empty() ? "" : m.key() + ".";
+    for (const auto& s : sharded->shard_specs()) {
+      const bool distributed = find_layout(sharded->layouts(), s.first).distributed();
+      specs.emplace(at + s.first, std::make_pair(s.second, distributed));
+    }
+  }
+  std::vector<ParamInfo> out;
+  for (const auto& p : module.named_parameters(/*recurse=*/true)) {
+    ParamInfo info;
+    info.name = prefix + p.key();
+    info.param = p.value();
+    const auto found = specs.find(p.key());
+    if (found != specs.end()) {
+      info.spec = found->second.first;
+      info.tp_module = found->second.second;
+    } else {
+      info.spec = ShardSpec::replicated(p.value().sizes().vec());
+    }
+    SMP_CHECK(p.value().sizes().vec() == info.spec.local_shape(), ConfigError, who,
+              ": parameter '", info.name, "' has shape ", p.value().sizes(), " on rank ", rank(), " (tp_rank ",
+              tp_rank(), ") but its shard spec ", info.spec.describe(), " expects ",
+              at::IntArrayRef(info.spec.local_shape()),
+              "; do not resize the parameters of tensor-parallel modules");
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
 }  // namespace smp::nn

@@ -11,6 +11,8 @@
 
 #include "smp/core/config.h"
 #include "smp/core/error.h"
+#include "smp/model/grad_reducer.h"
+#include "smp/nn/modules.h"
 #include "smp/pipeline/schedule.h"
 #include "smp/runtime.h"
 #include "smp/torch/collectives.h"
@@ -93,9 +95,6 @@ PipelinedSequential::PipelinedSequential(torch::nn::Sequential sequential,
   SMP_CHECK(is_initialized(), StateError, "smp::PipelinedSequential needs smp::init() first");
   SMP_CHECK(!sequential_.is_empty(), ConfigError,
             "smp::PipelinedSequential: the Sequential is null; pass a constructed one");
-  SMP_CHECK(tp_size() == 1, NotSupportedError, "smp::PipelinedSequential (", where(),
-            "): tensor_parallel_degree ", tp_size(),
-            " is not supported; use tensor_parallel_degree 1 (plain layers are not split)");
   stage_ = pp_rank();
   num_stages_ = pp_size();
   const int n = static_cast<int>(sequential_->size());
@@ -117,7 +116,23 @@ PipelinedSequential::PipelinedSequential(torch::nn::Sequential sequential,
     const bool local = i >= first_layer() && i < end_layer();
     for (auto& p : sequential_->ptr(i)->parameters()) p.requires_grad_(local);
   }
+  std::vector<ParamInfo> infos;
+  for (int i = first_layer(); i < end_layer(); ++i) {
+    auto layer = nn::param_infos(*sequential_->ptr(i), "smp::PipelinedSequential",
+                                 std::to_string(i) + ".");
+    for (auto& info : layer) infos.push_back(std::move(info));
+  }
+  num_local_params_ = infos.size();
+  if (dp_size() > 1) {
+    GradReducer::Options o;
+    o.prescaled_batch = config().prescaled_batch;
+    reducer_ = std::make_unique<GradReducer>(std::move(infos), o);
+  }
 }
+
+PipelinedSequential::~PipelinedSequential() = default;
+PipelinedSequential::PipelinedSequential(PipelinedSequential&&) noexcept = default;
+PipelinedSequential& PipelinedSequential::operator=(PipelinedSequential&&) noexcept = default;
 
 std::vector<at::Tensor> PipelinedSequential::local_parameters() const {
   std::vector<at::Tensor> out;
@@ -218,12 +233,10 @@ double PipelinedSequential::step(const at::Tensor& input, const at::Tensor& targ
     }
   }
 
-  if (rdp_size() > 1) {
-    for (auto& p : local_parameters()) {
-      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
-      at::Tensor g = p.grad();
-      allreduce(g, CommGroup::kRdpGroup, ReduceOp::kAvg);
-    }
+  if (reducer_) {
+    // Every local gradient is final: hand them over in order, then wait.
+    for (std::size_t i = 0; i < num_local_params_; ++i) reducer_->mark_ready(i);
+    reducer_->finish();
   }
 
   at::Tensor mean = at::full({1}, last ? loss_sum / m : 0.0, at::kDouble);

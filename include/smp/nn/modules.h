@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "smp/core/shard_spec.h"
+#include "smp/model/param_info.h"
 #include "smp/nn/layers.h"
 #include "smp/nn/param_layout.h"
 
@@ -52,6 +53,14 @@ class ShardedModule : public torch::nn::Module {
  private:
   std::vector<ParamLayout> layouts_;
 };
+
+/// A ParamInfo for every parameter of `module` (recursively, named with
+/// `prefix` + the module's dotted names): shards and other parameters of
+/// ShardedModules carry their spec and count as distributed, the rest are
+/// replicated. Throws ConfigError, its text starting with `who`, when a
+/// shard's shape is not its spec's.
+std::vector<ParamInfo> param_infos(torch::nn::Module& module, const std::string& who,
+                                   const std::string& prefix = "");
 
 struct DistributedLinearOptions {
   std::int64_t in_features = 0;

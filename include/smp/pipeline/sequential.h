@@ -13,18 +13,28 @@
 /// smp::send/recv: a 10-element int64 header (present, dtype, ndim, dims),
 /// then the tensor.
 ///
-/// Supported: tensor_parallel_degree 1; any pipeline_parallel_degree and
-/// replicated data parallelism (rdp > 1: step() averages the local
-/// parameters' gradients over RDP_GROUP after the last backward).
+/// Any pp x tp x rdp grid. With tensor_parallel_degree > 1 the layers may be
+/// smp::nn tensor-parallel modules (DistributedLinear, ...; include
+/// smp/nn/modules.h); plain layers are replicated over the TP group. Each
+/// rank's input and target are its data-parallel share of the batch (the TP
+/// group's shared batch with prescaled_batch), as for smp::DistributedModel.
+/// With dp_size() > 1, step() averages the local gradients after the last
+/// backward with the GradReducer smp::DistributedModel uses: replicated
+/// parameters over DP_GROUP, parameters of tensor-parallel modules over
+/// RDP_GROUP, so every stage equals the plain Sequential trained on the union
+/// of the data-parallel batches.
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <torch/nn/modules/container/sequential.h>
 
 namespace smp {
+
+class GradReducer;
 
 /// Stage boundaries of `num_layers` layers over `num_stages` stages balanced by
 /// parameter count: result b has num_stages + 1 entries, b[0] = 0,
@@ -44,19 +54,22 @@ class PipelinedSequential {
   /// `boundaries`: empty for balanced_stage_boundaries over the layers'
   /// parameter counts, else pp_size() + 1 increasing entries from 0 to
   /// sequential->size() (every stage at least one layer). Needs smp::init();
-  /// throws StateError before it, NotSupportedError for tp_size() > 1,
-  /// ConfigError for bad boundaries.
+  /// throws StateError before it, ConfigError for bad boundaries.
   explicit PipelinedSequential(torch::nn::Sequential sequential, std::vector<int> boundaries = {});
+  ~PipelinedSequential();
+  PipelinedSequential(PipelinedSequential&&) noexcept;
+  PipelinedSequential& operator=(PipelinedSequential&&) noexcept;
 
   /// One training step. `input` is read on stage 0 only and `target` on the
   /// last stage only (either may be undefined elsewhere); both are split into
   /// config().microbatches equal pieces along dim 0 (the batch size must be
   /// divisible by it). The last stage back-propagates loss(mb) / microbatches
   /// for each microbatch; gradients accumulate into the local parameters'
-  /// .grad (the caller zeroes them); with rdp > 1 they are then averaged over
-  /// RDP_GROUP. Returns the mean of this replica's microbatch losses on every
-  /// stage (broadcast over PP_GROUP; not averaged over replicas). Collective over PP_GROUP (and
-  /// RDP_GROUP when rdp > 1): every rank of the pipeline must call it.
+  /// .grad (the caller zeroes them); with dp_size() > 1 they are then averaged
+  /// (see the class comment). Returns the mean of this rank's microbatch
+  /// losses on every stage (broadcast over PP_GROUP; not averaged over
+  /// data-parallel ranks). Collective over PP_GROUP, TP_GROUP and DP_GROUP:
+  /// every rank must call it.
   double step(const at::Tensor& input, const at::Tensor& target, const LossFn& loss);
 
   /// This rank's stage output for `input` without autograd bookkeeping for
@@ -75,6 +88,9 @@ class PipelinedSequential {
   std::vector<int> boundaries_;
   int stage_ = 0;
   int num_stages_ = 1;
+  /// Averages the local gradients over DP_GROUP / RDP_GROUP (dp_size() > 1).
+  std::unique_ptr<GradReducer> reducer_;
+  std::size_t num_local_params_ = 0;
 };
 
 }  // namespace smp

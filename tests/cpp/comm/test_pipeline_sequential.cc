@@ -1,7 +1,9 @@
 // smp::PipelinedSequential under mpirun: with pipeline_parallel_degree = world
 // size (2 or 4), three SGD steps over microbatches 1, 2 and 4 with both
 // schedules leave every stage's parameters, and the step losses, equal to a
-// plain single-process Sequential trained on the full batch.
+// plain single-process Sequential trained on the full batch; the same with
+// replicated data parallelism (pp 2 x rdp) and with tensor-parallel layers
+// (pp 2 x tp 2, x rdp 2 at 8 ranks).
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -18,6 +20,7 @@
 #include <torch/utils.h>
 
 #include "smp/core/error.h"
+#include "smp/nn/modules.h"
 #include "smp/pipeline/sequential.h"
 #include "smp/runtime.h"
 
@@ -148,6 +151,86 @@ TEST_F(PipelineSequentialTest, DataParallelReplicasMatchThePlainSequentialOnTheU
     const auto ref = plain->ptr(i)->parameters();
     for (std::size_t k = 0; k < mine.size(); ++k)
       EXPECT_TRUE(at::allclose(mine[k], ref[k], 0.0, 1e-5)) << "layer " << i;
+  }
+}
+
+/// Tensor-parallel layers (and one replicated Linear) in a Sequential.
+torch::nn::Sequential make_tp_net() {
+  torch::manual_seed(4321);
+  return torch::nn::Sequential(
+      nn::DistributedLinear(nn::DistributedLinearOptions{kIn, 16, true, 21}), torch::nn::Tanh(),
+      nn::DistributedLinear(nn::DistributedLinearOptions{16, 16, true, 22}), torch::nn::ReLU(),
+      torch::nn::Linear(16, 8), torch::nn::Tanh(),
+      nn::DistributedLinear(nn::DistributedLinearOptions{8, kOut, true, 23}));
+}
+
+/// The full value of layer i's parameter `name` (collective over TP_GROUP for
+/// tensor-parallel layers, which every rank holds whatever its stage).
+at::Tensor full_param(torch::nn::Sequential& net, int i, const std::string& name) {
+  auto* sharded = dynamic_cast<nn::ShardedModule*>(net->ptr(i).get());
+  if (sharded != nullptr) return sharded->gather_full(name);
+  return net->ptr(i)->named_parameters()[name].detach().clone();
+}
+
+// pp 2 x tp 2 (x rdp 2 at 8 ranks): DistributedLinear layers split over the TP
+// group, a replicated Linear between them; every rank trains on its dp_rank's
+// batch. After three interleaved steps the full parameters of every stage
+// equal the plain Sequential trained on the union of the batches.
+TEST_F(PipelineSequentialTest, TensorParallelLayersMatchThePlainSequentialOnTheUnion) {
+  const int w = world_size();
+  if (w != 4 && w != 8) GTEST_SKIP() << "needs 4 or 8 ranks, runs with " << w;
+  for (const std::string schedule : {"simple", "interleaved"}) {
+    SCOPED_TRACE(schedule);
+    init({{"pipeline_parallel_degree", std::int64_t{2}},
+          {"tensor_parallel_degree", std::int64_t{2}},
+          {"ddp", true},
+          {"microbatches", std::int64_t{2}},
+          {"pipeline", schedule}});
+    ASSERT_EQ(dp_size(), w / 2);
+    PipelinedSequential pipe(make_tp_net());
+    torch::optim::SGD opt(pipe.local_parameters(), torch::optim::SGDOptions(0.1));
+
+    // The plain Sequential with the same full weights.
+    torch::nn::Sequential plain(torch::nn::Linear(kIn, 16), torch::nn::Tanh(),
+                                torch::nn::Linear(16, 16), torch::nn::ReLU(),
+                                torch::nn::Linear(16, 8), torch::nn::Tanh(),
+                                torch::nn::Linear(8, kOut));
+    {
+      torch::NoGradGuard no_grad;
+      for (int i = 0; i < static_cast<int>(plain->size()); ++i)
+        for (auto& p : plain->ptr(i)->named_parameters())
+          p.value().copy_(full_param(pipe.sequential(), i, p.key()));
+    }
+    torch::optim::SGD plain_opt(plain->parameters(), torch::optim::SGDOptions(0.1));
+
+    for (int step = 0; step < 3; ++step) {
+      opt.zero_grad();
+      const int d = dp_rank();
+      const double loss = pipe.step(input_of(step + 10 * d), target_of(step + 10 * d), mse);
+      opt.step();
+      std::vector<at::Tensor> ins, tgts;
+      for (int k = 0; k < dp_size(); ++k) {
+        ins.push_back(input_of(step + 10 * k));
+        tgts.push_back(target_of(step + 10 * k));
+      }
+      {
+        torch::NoGradGuard no_grad;
+        EXPECT_NEAR(loss, mse(plain->forward(ins[d]), tgts[d]).item<double>(), 1e-5)
+            << "step " << step;
+      }
+      plain_opt.zero_grad();
+      mse(plain->forward(at::cat(ins)), at::cat(tgts)).backward();
+      plain_opt.step();
+    }
+    for (int i = pipe.first_layer(); i < pipe.end_layer(); ++i) {
+      for (const auto& p : plain->ptr(i)->named_parameters()) {
+        const at::Tensor mine = full_param(pipe.sequential(), i, p.key());
+        EXPECT_TRUE(at::allclose(mine, p.value(), 0.0, 1e-5))
+            << "layer " << i << " " << p.key() << " on stage " << pp_rank() << " max diff "
+            << (mine - p.value()).abs().max().item<double>();
+      }
+    }
+    shutdown();
   }
 }
 
