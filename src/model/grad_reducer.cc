@@ -95,6 +95,21 @@ struct GradReducer::Impl {
   }
 
   /// Queues every complete bucket whose predecessors are queued. Needs mu.
+  /// Counts parameter `index` (in a bucket, not ready yet) as ready; on CUDA,
+  /// its bucket waits for the current stream's work so far. Caller holds mu.
+  void mark(std::size_t index) {
+    ready[index] = 1;
+    Bucket& bucket = buckets[static_cast<std::size_t>(bucket_of[index])];
+#if SMP_USE_NCCL
+    if (bucket.device.is_cuda()) {
+      c10::Event e(c10::DeviceType::CUDA);
+      e.record(c10::cuda::getCurrentCUDAStream(bucket.device.index()));
+      bucket.ready_events.push_back(std::move(e));
+    }
+#endif
+    --bucket.pending;
+  }
+
   void launch_ready_buckets() {
     bool queued = false;
     while (next_launch < buckets.size() && buckets[next_launch].pending == 0) {
@@ -267,16 +282,7 @@ void GradReducer::mark_ready(std::size_t index) {
             d.params[index].name, "' was produced twice in one pass on rank ", rank(),
             "; finish the pass (DistributedModel.backward(loss) or DistributedOptimizer.step()) "
             "before the next backward, or accumulate with backward_passes_per_step");
-  d.ready[index] = 1;
-  Bucket& bucket = d.buckets[static_cast<std::size_t>(b)];
-#if SMP_USE_NCCL
-  if (bucket.device.is_cuda()) {
-    c10::Event e(c10::DeviceType::CUDA);
-    e.record(c10::cuda::getCurrentCUDAStream(bucket.device.index()));
-    bucket.ready_events.push_back(std::move(e));
-  }
-#endif
-  --bucket.pending;
+  d.mark(index);
   d.launch_ready_buckets();
 }
 
@@ -285,18 +291,8 @@ void GradReducer::finish() {
   std::unique_lock<std::mutex> lock(d.mu);
   d.check_usable("finish");
   for (std::size_t k = 0; k < d.params.size(); ++k) {
-    const long b = d.bucket_of[k];
-    if (b < 0 || d.ready[k]) continue;
-    d.ready[k] = 1;
-    Bucket& bucket = d.buckets[static_cast<std::size_t>(b)];
-#if SMP_USE_NCCL
-    if (bucket.device.is_cuda()) {
-      c10::Event e(c10::DeviceType::CUDA);
-      e.record(c10::cuda::getCurrentCUDAStream(bucket.device.index()));
-      bucket.ready_events.push_back(std::move(e));
-    }
-#endif
-    --bucket.pending;
+    if (d.bucket_of[k] < 0 || d.ready[k]) continue;
+    d.mark(k);
   }
   d.launch_ready_buckets();
   d.cv.wait(lock, [&] { return d.completed == d.buckets.size(); });

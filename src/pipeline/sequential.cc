@@ -122,7 +122,6 @@ PipelinedSequential::PipelinedSequential(torch::nn::Sequential sequential,
                                  std::to_string(i) + ".");
     for (auto& info : layer) infos.push_back(std::move(info));
   }
-  num_local_params_ = infos.size();
   if (dp_size() > 1) {
     GradReducer::Options o;
     o.prescaled_batch = config().prescaled_batch;
@@ -233,11 +232,8 @@ double PipelinedSequential::step(const at::Tensor& input, const at::Tensor& targ
     }
   }
 
-  if (reducer_) {
-    // Every local gradient is final: hand them over in order, then wait.
-    for (std::size_t i = 0; i < num_local_params_; ++i) reducer_->mark_ready(i);
-    reducer_->finish();
-  }
+  // Every local gradient is final: finish() reduces them all as they are.
+  if (reducer_) reducer_->finish();
 
   at::Tensor mean = at::full({1}, last ? loss_sum / m : 0.0, at::kDouble);
   if (num_stages_ > 1) broadcast(mean, num_stages_ - 1, CommGroup::kPpGroup);

@@ -44,9 +44,10 @@ class GradReducer {
   /// from a post-accumulate-grad hook). Thread-safe.
   void mark_ready(std::size_t index);
 
-  /// Completes the pass: gradients never marked (unused parameters) count as
-  /// zeros, every bucket is reduced, averaged gradients are written back into
-  /// each parameter's .grad. Blocks until done. Throws CommError/TimeoutError.
+  /// Completes the pass: parameters never marked ready are taken as their .grad
+  /// is now (zeros where it is undefined: unused parameters), every bucket is
+  /// reduced, averaged gradients are written back into each parameter's .grad.
+  /// Blocks until done. Throws CommError/TimeoutError.
   void finish();
 
   /// Number of buckets (for tests and logs).

@@ -90,7 +90,6 @@ class PipelinedSequential {
   int num_stages_ = 1;
   /// Averages the local gradients over DP_GROUP / RDP_GROUP (dp_size() > 1).
   std::unique_ptr<GradReducer> reducer_;
-  std::size_t num_local_params_ = 0;
 };
 
 }  // namespace smp

@@ -73,16 +73,6 @@ Value part_state(int pp, int tp, int rdp, int version) {
   return d;
 }
 
-template <typename Fn>
-std::string error_text(Fn&& fn) {
-  try {
-    fn();
-  } catch (const smp::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
-
 class CommitTest : public ::testing::Test {
  protected:
   void SetUp() override { dir_ = shared_dir(); }
@@ -172,7 +162,7 @@ TEST_F(CommitTest, WrongRankConditionFailsNamingMissingRanks) {
   SaveOptions opts;
   opts.timeout_s = 3;
   if (dp_rank() == 0) {  // the mistake smp v1 hangs on: tp_rank 1 never calls
-    const std::string err = error_text([&] { save(part_state(pp_rank(), tp_rank(), 0, 2), f, opts); });
+    const std::string err = smp::test::error_of<smp::Error>([&] { save(part_state(pp_rank(), tp_rank(), 0, 2), f, opts); });
     EXPECT_NE(err.find("timed out after 3 s"), std::string::npos) << err;
     EXPECT_NE(err.find("Ranks that never called smp.save: rank 1 (pp_rank 0, tp_rank 1, "
                        "rdp_rank 0, dp_rank 1)"),
@@ -232,7 +222,7 @@ TEST_F(CommitTest, CrashStatesAndReaderErrors) {
     }
   }
   mpi_barrier();
-  std::string err = error_text([&] { load(f); });
+  std::string err = smp::test::error_of<smp::Error>([&] { load(f); });
   EXPECT_NE(err.find("mixed checkpoint: '" + part + "' belongs to save id '" + id1 +
                      "' but the manifest '" + manifest_file_name(f) + "' names save id '"),
             std::string::npos)
@@ -247,7 +237,7 @@ TEST_F(CommitTest, CrashStatesAndReaderErrors) {
     write_manifest(manifest_file_name(f), m);
   }
   mpi_barrier();
-  err = error_text([&] { load(f); });
+  err = smp::test::error_of<smp::Error>([&] { load(f); });
   EXPECT_NE(err.find("was saved with pipeline_parallel_degree 1, tensor_parallel_degree 2"),
             std::string::npos) << err;
   EXPECT_NE(err.find("same_partition_load=False"), std::string::npos) << err;
@@ -280,7 +270,7 @@ TEST_F(CommitTest, CrashStatesAndReaderErrors) {
   // Missing part: the error names the expected file and lists what exists.
   if (rank() == 0) test::remove_file(part);
   mpi_barrier();
-  err = error_text([&] { load(f); });
+  err = smp::test::error_of<smp::Error>([&] { load(f); });
   EXPECT_NE(err.find("has no part for rank " + std::to_string(rank())), std::string::npos) << err;
   EXPECT_NE(err.find("expected '" + part + "'"), std::string::npos) << err;
   EXPECT_NE(err.find("files found with that prefix: '" + manifest_file_name(f) + "'"),
@@ -292,7 +282,7 @@ TEST_F(CommitTest, CrashStatesAndReaderErrors) {
     test::remove_file(manifest_file_name(g));
   }
   mpi_barrier();
-  err = error_text([&] { load(g); });
+  err = smp::test::error_of<smp::Error>([&] { load(g); });
   EXPECT_NE(err.find("incomplete checkpoint (no manifest; a save was interrupted)"),
             std::string::npos) << err;
   mpi_barrier();

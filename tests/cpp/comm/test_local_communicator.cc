@@ -9,19 +9,10 @@
 #include <vector>
 
 #include "smp/core/error.h"
+#include "test_util.h"
 
 namespace smp {
 namespace {
-
-template <typename Fn>
-std::string error_text(Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 TEST(LocalCommunicator, IsAGroupOfOne) {
   auto c = local::make_group("TP_GROUP");
@@ -50,7 +41,7 @@ TEST(LocalCommunicator, CollectivesKeepOrCopyTheData) {
   EXPECT_TRUE(b[0]);
   EXPECT_FALSE(b[1]);
   const std::string text =
-      error_text([&] { c->allreduce(b, 2, DataType::kBool, ReduceOp::kAvg); });
+      test::error_of<Error>([&] { c->allreduce(b, 2, DataType::kBool, ReduceOp::kAvg); });
   EXPECT_NE(text.find("avg is not defined for bool"), std::string::npos) << text;
 
   const std::int32_t send[3] = {7, 8, 9};
@@ -97,22 +88,22 @@ TEST(LocalCommunicator, SelfSendIsFifoAndBytesAreSeparate) {
 TEST(LocalCommunicator, ErrorsNameTheGroup) {
   auto c = local::make_group("DP_GROUP");
   float x = 0;
-  std::string text = error_text([&] { c->recv(&x, 1, DataType::kFloat32, 0); });
+  std::string text = test::error_of<Error>([&] { c->recv(&x, 1, DataType::kFloat32, 0); });
   EXPECT_NE(text.find("no message was sent to self"), std::string::npos) << text;
   EXPECT_NE(text.find("group DP_GROUP"), std::string::npos) << text;
-  text = error_text([&] { c->recv_bytes(0); });
+  text = test::error_of<Error>([&] { c->recv_bytes(0); });
   EXPECT_NE(text.find("recv_bytes on group DP_GROUP"), std::string::npos) << text;
   EXPECT_NE(text.find("no message was sent to self"), std::string::npos) << text;
 
-  text = error_text([&] { c->send(&x, 1, DataType::kFloat32, 1); });
+  text = test::error_of<Error>([&] { c->send(&x, 1, DataType::kFloat32, 1); });
   EXPECT_NE(text.find("send: peer rank 1 is outside group DP_GROUP"), std::string::npos) << text;
   EXPECT_NE(text.find("valid peers are 0..0"), std::string::npos) << text;
-  text = error_text([&] { c->broadcast(&x, 1, DataType::kFloat32, 2); });
+  text = test::error_of<Error>([&] { c->broadcast(&x, 1, DataType::kFloat32, 2); });
   EXPECT_NE(text.find("broadcast: peer rank 2"), std::string::npos) << text;
 
   c->send(&x, 1, DataType::kFloat32, 0);
   double wrong[2];
-  text = error_text([&] { c->recv(wrong, 2, DataType::kFloat64, 0); });
+  text = test::error_of<Error>([&] { c->recv(wrong, 2, DataType::kFloat64, 0); });
   EXPECT_NE(text.find("holds 1 float32"), std::string::npos) << text;
 }
 

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "smp/core/error.h"
+#include "test_util.h"
 #include "smp/core/topology.h"
 
 namespace smp {
@@ -491,31 +492,21 @@ TEST_F(MpiCommunicatorTest, Barrier) {
   }
 }
 
-template <typename Fn>
-std::string error_text(Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
 TEST_F(MpiCommunicatorTest, PeerOutOfRangeNamesGroupAndRange) {
   for (auto& c : comms()) {
     const int n = c->size();
     const std::string range = detail::str("valid peers are 0..", n - 1);
     float x = 0;
-    std::string text = error_text([&] { c->send(&x, 1, DataType::kFloat32, n); });
+    std::string text = test::error_of<Error>([&] { c->send(&x, 1, DataType::kFloat32, n); });
     EXPECT_NE(text.find(detail::str("send: peer rank ", n)), std::string::npos) << text;
     EXPECT_NE(text.find(c->name()), std::string::npos) << text;
     EXPECT_NE(text.find(range), std::string::npos) << text;
-    text = error_text([&] { c->recv(&x, 1, DataType::kFloat32, -1); });
+    text = test::error_of<Error>([&] { c->recv(&x, 1, DataType::kFloat32, -1); });
     EXPECT_NE(text.find("recv: peer rank -1"), std::string::npos) << text;
     EXPECT_NE(text.find(range), std::string::npos) << text;
-    text = error_text([&] { c->broadcast(&x, 1, DataType::kFloat32, n); });
+    text = test::error_of<Error>([&] { c->broadcast(&x, 1, DataType::kFloat32, n); });
     EXPECT_NE(text.find("broadcast: peer rank"), std::string::npos) << text;
-    text = error_text([&] { c->recv_bytes(n + 3); });
+    text = test::error_of<Error>([&] { c->recv_bytes(n + 3); });
     EXPECT_NE(text.find("recv_bytes: peer rank"), std::string::npos) << text;
   }
 }
@@ -559,7 +550,7 @@ TEST_F(MpiCommunicatorTest, RecvBytesTimeout) {
   CommOptions quick;
   quick.timeout = std::chrono::milliseconds(500);
   auto& world = *comms()[0];
-  const std::string text = error_text([&] { world.recv_bytes(0, quick); });
+  const std::string text = test::error_of<Error>([&] { world.recv_bytes(0, quick); });
   EXPECT_NE(text.find("recv_bytes from group rank 0"), std::string::npos) << text;
   EXPECT_NE(text.find("did not complete within 0.5 s"), std::string::npos) << text;
   EXPECT_NE(text.find("group WORLD"), std::string::npos) << text;
@@ -577,7 +568,7 @@ TEST_F(MpiCommunicatorTest, CollectiveTimeoutNamesGroupAndMembers) {
   CommOptions quick;
   quick.timeout = std::chrono::seconds(1);
   if (world.rank() != 0) {
-    const std::string text = error_text([&] { late->barrier(quick); });
+    const std::string text = test::error_of<Error>([&] { late->barrier(quick); });
     EXPECT_NE(text.find("barrier on group LATE"), std::string::npos) << text;
     EXPECT_NE(text.find("did not complete within 1 s"), std::string::npos) << text;
     EXPECT_NE(text.find("members of the group (world ranks): " + detail::str("[0, 1")),
@@ -599,7 +590,7 @@ TEST_F(MpiCommunicatorTest, CountMismatchIsAnError) {
     world.send(out, 3, DataType::kFloat32, me + 1);
   } else {
     float in[4] = {};
-    const std::string text = error_text([&] { world.recv(in, 4, DataType::kFloat32, me - 1); });
+    const std::string text = test::error_of<Error>([&] { world.recv(in, 4, DataType::kFloat32, me - 1); });
     EXPECT_NE(text.find("expected 4 elements but the message holds 3"), std::string::npos) << text;
   }
   world.barrier();
@@ -610,16 +601,16 @@ TEST_F(MpiCommunicatorTest, MakeGroupRejectsInvalidGroups) {
   std::vector<int> all;
   for (int r = 0; r < n; ++r) all.push_back(r);
 
-  std::string text = error_text([&] { mpi::make_group("BAD", {all, {0}}); });
+  std::string text = test::error_of<Error>([&] { mpi::make_group("BAD", {all, {0}}); });
   EXPECT_NE(text.find("make_group(BAD): world rank 0 appears in group 0 and in group 1"),
             std::string::npos) << text;
   std::vector<int> too_many = all;
   too_many.push_back(n);
-  text = error_text([&] { mpi::make_group("BAD", {too_many}); });
+  text = test::error_of<Error>([&] { mpi::make_group("BAD", {too_many}); });
   EXPECT_NE(text.find(detail::str("holds world rank ", n, ", outside the world")), std::string::npos)
       << text;
   if (n > 1) {
-    text = error_text([&] { mpi::make_group("BAD", {{0}}); });
+    text = test::error_of<Error>([&] { mpi::make_group("BAD", {{0}}); });
     EXPECT_NE(text.find("world rank 1 is in no group"), std::string::npos) << text;
     // Each rank's groups are valid on their own, but they disagree.
     std::vector<std::vector<int>> groups;
@@ -628,7 +619,7 @@ TEST_F(MpiCommunicatorTest, MakeGroupRejectsInvalidGroups) {
     } else {
       for (int r = 0; r < n; ++r) groups.push_back({r});
     }
-    text = error_text([&] { mpi::make_group("MIXED", groups); });
+    text = test::error_of<Error>([&] { mpi::make_group("MIXED", groups); });
     EXPECT_NE(text.find("the ranks passed different groups"), std::string::npos) << text;
   }
   // Still in step: a valid group works afterwards.
