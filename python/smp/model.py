@@ -223,9 +223,9 @@ class DistributedModel(torch.nn.Module):
         module's own, or those of a top-level module that forward never calls)
         would be neither trained nor saved: refuse them."""
         staged = {n for n, _, _ in self._pipe.plan}
-        names = [n for n, _ in self.module.named_parameters()]
-        names += [n for n in self.module.state_dict(keep_vars=True) if n not in set(names)]
-        orphans = [n for n in names if n.split(".", 1)[0] not in staged]
+        # The state dict's keys: every parameter and persistent buffer.
+        orphans = [n for n in self.module.state_dict(keep_vars=True)
+                   if n.split(".", 1)[0] not in staged]
         if orphans:
             raise _C.NotSupportedError(
                 f"smp.DistributedModel: with pipeline_parallel_degree {_C.pp_size()}, "

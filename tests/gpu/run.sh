@@ -138,6 +138,14 @@ EOF
   echo "NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE SMP_COMM_TIMEOUT=$SMP_COMM_TIMEOUT budget ${DEADLINE_S}s"
 } 2>&1 | tee -a "$BUILD_LOG"
 
+# CUDA devices torch sees (0 without CUDA), and mpirun_for <n>: MPIRUN=(the
+# mpirun prefix for n ranks on this node).
+GPUS="$(python3 -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)"
+mpirun_for() {
+  MPIRUN=(mpirun -np "$1" --oversubscribe)
+  if [ "$(id -u)" = 0 ]; then MPIRUN+=(--allow-run-as-root); fi
+}
+
 # ---- 1. configure and build ----------------------------------------------------
 rc=0
 if wanted build; then
@@ -210,12 +218,10 @@ elif python3 -c 'import pytest' >/dev/null 2>&1; then
 else
   # No pytest: at least the GPU scripts, as tests/python/gpu/test_nccl.py runs them.
   echo "pytest is not installed: running tests/python/gpu/mp/*.py directly" | tee -a "$PYTEST_LOG"
-  gpus="$(python3 -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)"
-  np=$((gpus < 4 ? gpus : 4))
-  MPIRUN=(mpirun -np "$np" --oversubscribe)
-  [ "$(id -u)" = 0 ] && MPIRUN+=(--allow-run-as-root)
+  np=$((GPUS < 4 ? GPUS : 4))
+  mpirun_for "$np"
   if [ "$np" -lt 2 ]; then
-    echo "fewer than 2 GPUs ($gpus): GPU scripts not run" | tee -a "$PYTEST_LOG"
+    echo "fewer than 2 GPUs ($GPUS): GPU scripts not run" | tee -a "$PYTEST_LOG"
     record "GPU scripts (no pytest)" "skipped: fewer than 2 GPUs"
   else
     for script in tests/python/gpu/mp/*.py; do
@@ -237,24 +243,22 @@ fi
 BENCH_LOG="$LOG_DIR/gpu_bench.log"
 if wanted bench; then
   : >"$BENCH_LOG"
-  gpus="$(python3 -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)"
   bench_dir="${SMP_GPU_BENCH_DIR:-${TMPDIR:-/tmp}/smp_gpu_bench}"
   export SMP_BENCH_GB="${SMP_BENCH_GB:-2}" SMP_BENCH_DEVICE=cuda SMP_BENCH_DIR="$bench_dir/smp"
-  if [ "$rc" -ne 0 ] || [ "$gpus" -lt 1 ]; then
+  if [ "$rc" -ne 0 ] || [ "$GPUS" -lt 1 ]; then
     record "bench" "skipped: build failed or no GPU"
   else
-    MPIRUN=(mpirun -np "$gpus" --oversubscribe)
-    [ "$(id -u)" = 0 ] && MPIRUN+=(--allow-run-as-root)
+    mpirun_for "$GPUS"
     step "${MPIRUN[*]} python3 tests/bench/checkpoint_bench.py (SMP_BENCH_GB=$SMP_BENCH_GB)" | tee -a "$BENCH_LOG"
     df -h "${TMPDIR:-/tmp}" 2>&1 | tee -a "$BENCH_LOG"
     bounded "$BENCH_LOG" "${MPIRUN[@]}" -x PYTHONPATH -x SMP_BENCH_GB -x SMP_BENCH_DEVICE \
       -x SMP_BENCH_DIR -x NCCL_NVLS_ENABLE -x OMP_NUM_THREADS python3 tests/bench/checkpoint_bench.py
-    record "bench: smp vs torch.save ($gpus ranks)" "$?"
+    record "bench: smp vs torch.save ($GPUS ranks)" "$?"
     rm -rf "$bench_dir"
     if [ -n "${SMP_GPU_PEER_SCRIPT:-}" ]; then
-      step "torchrun --nproc_per_node $gpus $SMP_GPU_PEER_SCRIPT (PB_GB_PER_RANK=$SMP_BENCH_GB)" | tee -a "$BENCH_LOG"
+      step "torchrun --nproc_per_node $GPUS $SMP_GPU_PEER_SCRIPT (PB_GB_PER_RANK=$SMP_BENCH_GB)" | tee -a "$BENCH_LOG"
       bounded "$BENCH_LOG" env PB_GB_PER_RANK="$SMP_BENCH_GB" PB_DIR="$bench_dir/peer" \
-        python3 -m torch.distributed.run --standalone --nproc_per_node "$gpus" "$SMP_GPU_PEER_SCRIPT"
+        python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" "$SMP_GPU_PEER_SCRIPT"
       record "bench: peer baseline (torch.save, DCP)" "$?"
       rm -rf "$bench_dir"
     fi

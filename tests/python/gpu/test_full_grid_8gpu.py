@@ -14,34 +14,23 @@ Each must match plain PyTorch exactly as on the CPU. Skips without 8 GPUs (the
 same scripts run on the CPU under mpirun -np 8 in tests/python).
 """
 
-import shutil
-
 import pytest
-import torch
 
-from conftest import ok_ranks, run_mpi
+from conftest import ok_ranks
+from test_nccl import needs_gpus, run_gpu
 
-GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 RANKS = 8
 TIMEOUT_S = 420
-ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-       "NVSHMEM_DISABLE_NVLS": "1", "SMP_COMM_TIMEOUT": "120"}
 
-pytestmark = [
-    pytest.mark.timeout(TIMEOUT_S + 60),
-    pytest.mark.skipif(GPUS < RANKS, reason=f"needs {RANKS} CUDA GPUs, torch sees {GPUS}"),
-    pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun (OpenMPI) on PATH"),
-]
+pytestmark = [pytest.mark.timeout(TIMEOUT_S + 60)] + needs_gpus(RANKS)
 
 
 def _run(script, *args, **env):
-    out = run_mpi(RANKS, script, *args, env={**ENV, **env}, timeout=TIMEOUT_S).stdout
-    print(out[-6000:])
-    return out
+    return run_gpu(RANKS, script, *args, timeout=TIMEOUT_S, **env)
 
 
 def test_collectives_on_8_gpus():
-    out = _run("../gpu/mp/nccl_collectives.py", NCCL_COLLECTIVES_DEVICE="cuda")
+    out = _run("../gpu/mp/nccl_collectives.py")
     assert "nccl_collectives: OK" in out, out[-20000:]
     assert "pp=2 tp=2 rdp=2" in out, out[-20000:]
 

@@ -1,25 +1,24 @@
-"""NCCL backend on real GPUs: runs tests/python/gpu/mp/*.py under mpirun, one
-rank per GPU (2 to 4 ranks). Skipped when torch sees fewer than 2 CUDA devices.
+"""NCCL backend on real GPUs, and what the other GPU tests share: the GPU
+count, the environment of every GPU run and run_gpu(), which starts a script
+under mpirun with one rank per GPU (tests/python/conftest.py's run_mpi, with
+its timeout). test_nccl_collectives runs gpu/mp/nccl_collectives.py on 2 to 4
+ranks; skipped when torch sees fewer than 2 CUDA devices.
 
-The skip condition only needs torch, so collecting this file works before the
+The skip conditions only need torch, so collecting these files works before the
 smp package is built.
 """
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[2]
-PYTHON_DIR = REPO / "python"
-MP_DIR = HERE / "mp"
+from conftest import run_mpi
+
 TIMEOUT_S = 300
+# Never NVLink multicast on these machines; NCCL calls get 120 s.
+GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+           "NVSHMEM_DISABLE_NVLS": "1", "SMP_COMM_TIMEOUT": "120"}
 
 
 def _gpu_count():
@@ -32,55 +31,27 @@ def _gpu_count():
 GPUS = _gpu_count()
 NP = max(2, min(4, GPUS))
 
-pytestmark = [
-    pytest.mark.skipif(GPUS == 0, reason="needs CUDA (torch.cuda.is_available() is False)"),
-    pytest.mark.skipif(0 < GPUS < 2, reason=f"needs at least 2 GPUs, torch sees {GPUS}"),
-    pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun (OpenMPI) on PATH"),
-]
+
+def needs_gpus(n):
+    """Skip marks for a test that runs one rank on each of n GPUs."""
+    return [
+        pytest.mark.skipif(GPUS < n, reason=f"needs {n} CUDA GPUs, torch sees {GPUS}"),
+        pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun (OpenMPI) on PATH"),
+    ]
 
 
-def _mpirun(script, np_):
-    cmd = ["mpirun", "-np", str(np_), "--oversubscribe"]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(PYTHON_DIR), env.get("PYTHONPATH", "")) if p)
-    env["NCCL_NVLS_ENABLE"] = "0"
-    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-    env["SMP_COMM_TIMEOUT"] = "120"
-    # mpirun forwards only exported variables it is told about.
-    for name in ("PYTHONPATH", "NCCL_NVLS_ENABLE", "SMP_COMM_TIMEOUT",
-                 "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-        cmd += ["-x", name]
-    cmd += [sys.executable, str(MP_DIR / script)]
-    # A session of its own, so that a timeout ends mpirun and every rank.
-    proc = subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        out, _ = proc.communicate()
-        print(out)
-        pytest.fail(f"{' '.join(cmd)} did not finish within {TIMEOUT_S} s (output above)")
-    if proc.returncode != 0:
-        print(out)
-        pytest.fail(f"{' '.join(cmd)} exited with {proc.returncode} (output above)")
+def run_gpu(np_, script, *args, timeout=TIMEOUT_S, **env):
+    """mpirun -np np_ python tests/python/mp/<script> args (a path relative to
+    that folder, e.g. "../gpu/mp/x.py"), with GPU_ENV and `env`; returns the
+    output and fails the test on a non-zero exit or a timeout."""
+    out = run_mpi(np_, script, *args, env={**GPU_ENV, **env}, timeout=timeout).stdout
+    print(out[-6000:])
     return out
 
 
+pytestmark = needs_gpus(2)
+
+
 def test_nccl_collectives():
-    out = _mpirun("nccl_collectives.py", NP)
-    print(out)
-    assert "nccl_collectives: OK" in out
+    out = run_gpu(NP, "../gpu/mp/nccl_collectives.py")
+    assert "nccl_collectives: OK" in out, out[-20000:]
