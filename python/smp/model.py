@@ -412,11 +412,7 @@ class DistributedModel(torch.nn.Module):
         """True when state-dict entry ``name`` belongs to this rank's pipeline stage."""
         if self._pipe is None:
             return True
-        return name.split(".", 1)[0] in self._local_children
-
-    @property
-    def _local_children(self):
-        return {n for n, _ in self._pipe._local}
+        return name.split(".", 1)[0] in self._pipe.local_names
 
     def register_post_partition_hook(self, fn):
         """``fn(model)`` runs once after partitioning; the model is partitioned

@@ -47,6 +47,8 @@ class PipelineModule(torch.nn.Module):
             self.plan = [(n, c, 0) for n, c in module.named_children()]
             self._steps = None
         self._local = [(n, c) for n, c, s in self.plan if s == self.stage]
+        #: Names of this stage's top-level children.
+        self.local_names = frozenset(n for n, _ in self._local)
 
     def stage_assignment(self):
         """{child name: stage}."""
