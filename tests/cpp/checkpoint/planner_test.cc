@@ -1,0 +1,576 @@
+// The resharding planner (smp::ckpt::plan_load): a property test over every
+// pair of layouts pp x tp x rdp <= 8 (pp, tp in {1, 2, 4}) of a synthetic model,
+// executing each plan with memcpy over source buffers filled with every
+// element's global index; the compact form of the copies; replica choice; and
+// the error messages.
+#include <gtest/gtest.h>
+
+#include "test_util.h"
+
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "smp/checkpoint/planner.h"
+#include "smp/core/error.h"
+
+namespace smp {
+namespace ckpt {
+namespace {
+
+using Shape = std::vector<std::int64_t>;
+
+struct Layout {
+  int pp, tp, rdp;
+};
+
+std::string str(const Layout& l) {
+  return "pp" + std::to_string(l.pp) + " x tp" + std::to_string(l.tp) + " x rdp" +
+         std::to_string(l.rdp);
+}
+
+std::vector<Layout> all_layouts() {
+  std::vector<Layout> out;
+  for (int pp : {1, 2, 4}) {
+    for (int tp : {1, 2, 4}) {
+      for (int rdp = 1; pp * tp * rdp <= 8; ++rdp) out.push_back({pp, tp, rdp});
+    }
+  }
+  return out;
+}
+
+// ---- the synthetic model ----------------------------------------------------
+
+enum class Stage { kFirst, kLayer, kLast };
+
+struct ModelTensor {
+  std::string name;
+  Shape shape;
+  std::size_t element_size;
+  int save_dim;  // split dim at save (-1 replicated)
+  int load_dim;  // split dim at load
+  Stage stage;
+  int layer = 0;
+  int id = 0;
+};
+
+constexpr int kLayers = 4;
+
+std::vector<ModelTensor> model() {
+  std::vector<ModelTensor> m;
+  m.push_back({"embed.vocab", {10, 6}, 4, 0, 0, Stage::kFirst});   // vocab split, uneven
+  m.push_back({"embed.dim", {7, 10}, 4, 1, 1, Stage::kFirst});     // embedding-dim split
+  for (int i = 0; i < kLayers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    m.push_back({p + "fc.weight", {10, 6}, 4, 0, 0, Stage::kLayer, i});
+    m.push_back({p + "fc.bias", {10}, 4, 0, 0, Stage::kLayer, i});
+    m.push_back({p + "proj.weight", {5, 10}, 8, 1, 1, Stage::kLayer, i});
+    m.push_back({p + "proj.bias", {5}, 4, -1, -1, Stage::kLayer, i});
+    m.push_back({p + "norm.weight", {6}, 2, -1, -1, Stage::kLayer, i});
+    m.push_back({p + "qkv.weight", {3, 9, 4}, 4, 1, 1, Stage::kLayer, i});
+    m.push_back({p + "step", {}, 8, -1, -1, Stage::kLayer, i});
+    m.push_back({p + "swap", {8, 6}, 4, 0, 1, Stage::kLayer, i});         // dim 0 -> dim 1
+    m.push_back({p + "scatter", {11, 3}, 4, -1, 0, Stage::kLayer, i});    // replicated -> split
+    m.push_back({p + "gather", {3, 7, 2}, 4, 2, -1, Stage::kLayer, i});   // split -> replicated
+  }
+  m.push_back({"head.weight", {9, 5, 3}, 4, 2, 2, Stage::kLast});
+  m.push_back({"head.empty", {0, 4}, 4, 0, 0, Stage::kLast});
+  for (std::size_t i = 0; i < m.size(); ++i) m[i].id = static_cast<int>(i);
+  return m;
+}
+
+/// Pipeline stage of a tensor under pp stages: changes with pp.
+int stage_of(const ModelTensor& t, int pp) {
+  switch (t.stage) {
+    case Stage::kFirst: return 0;
+    case Stage::kLast: return pp - 1;
+    default: return t.layer * pp / kLayers;
+  }
+}
+
+ShardSpec spec_of(const Shape& shape, int dim, int tp, int tp_rank) {
+  return dim < 0 || tp == 1 ? ShardSpec::replicated(shape) : ShardSpec::split(shape, dim, tp, tp_rank);
+}
+
+std::string dtype_of(std::size_t es) {
+  return es == 8 ? "int64" : es == 4 ? "float32" : "bfloat16";
+}
+
+/// How a checkpoint was saved.
+enum class Mode {
+  kV2,        // one file per (pp, tp), written by rdp 0
+  kReplicas,  // one file per (pp, tp, rdp), every rdp rank a full replica
+  kOwned,     // one file per (pp, tp, rdp), each tensor in its owner's file (v3 optimizer)
+};
+
+const char* str(Mode m) {
+  return m == Mode::kV2 ? "v2" : m == Mode::kReplicas ? "replicas" : "owned";
+}
+
+SavedCheckpoint save(const Layout& l, Mode mode) {
+  SavedCheckpoint ck;
+  ck.pp_size = l.pp;
+  ck.tp_size = l.tp;
+  ck.rdp_size = l.rdp;
+  const int rdps = mode == Mode::kV2 ? 1 : l.rdp;
+  for (int pp = 0; pp < l.pp; ++pp) {
+    for (int tp = 0; tp < l.tp; ++tp) {
+      for (int r = 0; r < rdps; ++r) {
+        SavedPart part;
+        part.pp_rank = pp;
+        part.tp_rank = tp;
+        part.rdp_rank = mode == Mode::kV2 ? -1 : r;
+        part.file = "ckpt_" + std::to_string(pp) + "_" + std::to_string(tp) +
+                    (mode == Mode::kV2 ? "" : "_" + std::to_string(r));
+        for (const ModelTensor& t : model()) {
+          if (stage_of(t, l.pp) != pp) continue;
+          if (mode == Mode::kOwned && t.id % l.rdp != r) continue;
+          SavedTensor st;
+          st.name = t.name;
+          st.dtype = dtype_of(t.element_size);
+          st.element_size = t.element_size;
+          st.spec = spec_of(t.shape, t.save_dim, l.tp, tp);
+          st.shape = st.spec.local_shape();
+          part.tensors.push_back(st);
+        }
+        ck.parts.push_back(std::move(part));
+      }
+    }
+  }
+  return ck;
+}
+
+std::vector<TargetRank> targets(const Layout& l) {
+  std::vector<TargetRank> out;
+  for (int r = 0; r < l.rdp; ++r) {
+    for (int pp = 0; pp < l.pp; ++pp) {
+      for (int tp = 0; tp < l.tp; ++tp) {
+        TargetRank t;
+        t.pp_rank = pp;
+        t.tp_rank = tp;
+        t.rdp_rank = r;
+        for (const ModelTensor& m : model()) {
+          if (stage_of(m, l.pp) != pp) continue;
+          t.tensors.push_back({m.name, dtype_of(m.element_size), m.element_size,
+                               spec_of(m.shape, m.load_dim, l.tp, tp)});
+        }
+        out.push_back(std::move(t));
+      }
+    }
+  }
+  return out;
+}
+
+// ---- simulation -------------------------------------------------------------
+
+std::int64_t numel(const Shape& s) {
+  std::int64_t n = 1;
+  for (std::int64_t e : s) n *= e;
+  return n;
+}
+
+/// Global linear index of local element `local` of a shard.
+std::int64_t global_index(const ShardSpec& spec, std::int64_t local) {
+  const Shape ls = spec.local_shape();
+  const Shape& gs = spec.global_shape;
+  std::int64_t g = 0, stride = 1;
+  for (std::size_t d = ls.size(); d-- > 0;) {
+    std::int64_t i = local % ls[d];
+    local /= ls[d];
+    if (!spec.is_replicated() && static_cast<int>(d) == spec.split_dim) i += spec.offset();
+    g += i * stride;
+    stride *= gs[d];
+  }
+  return g;
+}
+
+/// The value element `global` of tensor `id` holds: unique per tensor and element.
+std::uint64_t value_of(int id, std::int64_t global) {
+  return static_cast<std::uint64_t>(id) * 1000 + static_cast<std::uint64_t>(global);
+}
+
+void store(std::uint8_t* at, std::uint64_t v, std::size_t es) { std::memcpy(at, &v, es); }
+
+std::uint64_t load(const std::uint8_t* at, std::size_t es) {
+  std::uint64_t v = 0;
+  std::memcpy(&v, at, es);
+  return v;
+}
+
+std::map<std::string, int> ids() {
+  std::map<std::string, int> out;
+  for (const ModelTensor& m : model()) out[m.name] = m.id;
+  return out;
+}
+
+/// Source buffers: parts x tensors, each element = value_of(id, its global index).
+std::vector<std::vector<std::vector<std::uint8_t>>> fill(const SavedCheckpoint& ck) {
+  const auto id = ids();
+  std::vector<std::vector<std::vector<std::uint8_t>>> out;
+  for (const SavedPart& p : ck.parts) {
+    auto& bufs = out.emplace_back();
+    for (const SavedTensor& t : p.tensors) {
+      auto& b = bufs.emplace_back(numel(t.shape) * t.element_size);
+      for (std::int64_t i = 0; i < numel(t.shape); ++i) {
+        store(&b[i * t.element_size], value_of(id.at(t.name), global_index(t.spec, i)),
+              t.element_size);
+      }
+    }
+  }
+  return out;
+}
+
+/// Executes `plan` for `target` and checks that every element of every target
+/// tensor is written exactly once, with the right tensor's right element.
+void check_plan(const SavedCheckpoint& ck, const TargetRank& target, const RankPlan& plan,
+                const std::vector<std::vector<std::vector<std::uint8_t>>>& src,
+                const std::string& context) {
+  const auto id = ids();
+  ASSERT_EQ(plan.tensors.size(), target.tensors.size()) << context;
+  EXPECT_TRUE(plan.missing.empty()) << context;
+  for (std::size_t k = 0; k < target.tensors.size(); ++k) {
+    const TargetTensor& t = target.tensors[k];
+    const TensorPlan& tp = plan.tensors[k];
+    const std::string where = context + " target " + std::to_string(target.pp_rank) + "/" +
+                              std::to_string(target.tp_rank) + "/" +
+                              std::to_string(target.rdp_rank) + " tensor " + t.name;
+    ASSERT_EQ(tp.name, t.name) << where;
+    ASSERT_TRUE(tp.found) << where;
+    const std::int64_t n = numel(t.spec.local_shape());
+    const std::size_t es = t.element_size;
+    ASSERT_EQ(tp.nbytes, static_cast<std::uint64_t>(n) * es) << where;
+    std::vector<std::uint8_t> dst(n * es, 0xAB);
+    std::vector<int> written(n, 0);
+    std::uint64_t total = 0;
+    for (const ReadOp& op : tp.reads) {
+      ASSERT_LT(op.part, ck.parts.size()) << where;
+      ASSERT_LT(op.tensor, ck.parts[op.part].tensors.size()) << where;
+      ASSERT_EQ(ck.parts[op.part].tensors[op.tensor].name, t.name) << where;
+      ASSERT_GT(op.bytes(), 0u) << where;
+      const auto& buf = src[op.part][op.tensor];
+      ASSERT_LE(op.src_end(), buf.size()) << where;
+      total += op.bytes();
+      for_each_run(op, [&](std::uint64_t s, std::uint64_t d, std::uint64_t len) {
+        ASSERT_EQ(s % es, 0u) << where;
+        ASSERT_EQ(d % es, 0u) << where;
+        ASSERT_EQ(len % es, 0u) << where;
+        ASSERT_GE(s, op.src_begin()) << where;
+        ASSERT_LE(s + len, op.src_end()) << where;
+        ASSERT_LE(s + len, buf.size()) << where;
+        ASSERT_LE(d + len, dst.size()) << where;
+        std::memcpy(&dst[d], &buf[s], len);
+        for (std::uint64_t e = d / es; e < (d + len) / es; ++e) ++written[e];
+      });
+    }
+    EXPECT_EQ(total, tp.nbytes) << where;
+    for (std::int64_t i = 0; i < n; ++i) {
+      ASSERT_EQ(written[i], 1) << where << ": element " << i << " written " << written[i]
+                               << " times";
+      ASSERT_EQ(load(&dst[i * es], es), value_of(id.at(t.name), global_index(t.spec, i)))
+          << where << ": element " << i;
+    }
+  }
+}
+
+TEST(Planner, EveryPairOfLayoutsCoversEveryElementOnce) {
+  const auto layouts = all_layouts();
+  ASSERT_EQ(layouts.size(), 24u);
+  int pairs = 0;
+  for (Mode mode : {Mode::kV2, Mode::kReplicas, Mode::kOwned}) {
+    for (const Layout& from : layouts) {
+      const SavedCheckpoint ck = save(from, mode);
+      const auto src = fill(ck);
+      for (const Layout& to : layouts) {
+        const std::string context = std::string(str(mode)) + " " + str(from) + " -> " + str(to);
+        const auto ts = targets(to);
+        LoadPlan all;
+        try {
+          all = plan_load(ck, ts);
+        } catch (const Error& e) {
+          FAIL() << context << ": " << e.what();
+        }
+        ASSERT_EQ(all.ranks.size(), ts.size()) << context;
+        EXPECT_TRUE(all.unused.empty()) << context;
+        for (std::size_t r = 0; r < ts.size(); ++r) {
+          check_plan(ck, ts[r], all.ranks[r], src, context);
+          if (HasFatalFailure()) return;
+          // Planning one rank alone gives the same plan.
+          const RankPlan one = plan_load(ck, ts[r]);
+          ASSERT_EQ(one.tensors.size(), all.ranks[r].tensors.size()) << context;
+          for (std::size_t k = 0; k < one.tensors.size(); ++k) {
+            ASSERT_EQ(one.tensors[k].reads, all.ranks[r].tensors[k].reads) << context;
+          }
+        }
+        ++pairs;
+      }
+    }
+  }
+  EXPECT_EQ(pairs, 3 * 24 * 24);
+}
+
+// ---- the shape of the copies -------------------------------------------------
+
+SavedCheckpoint one_tensor(const Shape& shape, int dim, int shards, std::size_t es = 4) {
+  SavedCheckpoint ck;
+  ck.tp_size = shards;
+  for (int i = 0; i < shards; ++i) {
+    SavedPart p;
+    p.file = "ckpt_0_" + std::to_string(i);
+    p.tp_rank = i;
+    SavedTensor t;
+    t.name = "w";
+    t.dtype = dtype_of(es);
+    t.element_size = es;
+    t.spec = spec_of(shape, dim, shards, i);
+    t.shape = t.spec.local_shape();
+    p.tensors.push_back(t);
+    ck.parts.push_back(p);
+  }
+  return ck;
+}
+
+TargetRank want(const Shape& shape, int dim, int shards, int index, std::size_t es = 4) {
+  TargetRank t;
+  t.tp_rank = index;
+  t.tensors.push_back({"w", dtype_of(es), es, spec_of(shape, dim, shards, index)});
+  return t;
+}
+
+TEST(Planner, RowSplitsAreSingleRuns) {
+  // [1000, 64] saved over 4 row shards, loaded over 2: each target shard is
+  // two contiguous runs, one per source file.
+  const RankPlan p = plan_load(one_tensor({1000, 64}, 0, 4), want({1000, 64}, 0, 2, 1));
+  ASSERT_EQ(p.tensors[0].reads.size(), 2u);
+  const ReadOp& a = p.tensors[0].reads[0];
+  const ReadOp& b = p.tensors[0].reads[1];
+  EXPECT_EQ(a.part, 2u);
+  EXPECT_EQ(b.part, 3u);
+  EXPECT_TRUE(a.loops.empty());
+  EXPECT_TRUE(b.loops.empty());
+  EXPECT_EQ(a.src_offset, 0u);
+  EXPECT_EQ(a.dst_offset, 0u);
+  EXPECT_EQ(a.run_bytes, 250u * 64 * 4);
+  EXPECT_EQ(b.dst_offset, 250u * 64 * 4);
+}
+
+TEST(Planner, ColumnSplitsAreOneLoopOfRuns) {
+  // [1000, 64] saved over 2 column shards, loaded replicated: one loop of
+  // 1000 rows per source, 32 elements per run.
+  const RankPlan p = plan_load(one_tensor({1000, 64}, 1, 2), want({1000, 64}, -1, 1, 0));
+  ASSERT_EQ(p.tensors[0].reads.size(), 2u);
+  const ReadOp& b = p.tensors[0].reads[1];
+  EXPECT_EQ(b.part, 1u);
+  EXPECT_EQ(b.run_bytes, 32u * 4);
+  ASSERT_EQ(b.loops.size(), 1u);
+  EXPECT_EQ(b.loops[0], (Loop{1000, 32 * 4, 64 * 4}));
+  EXPECT_EQ(b.src_offset, 0u);
+  EXPECT_EQ(b.dst_offset, 32u * 4);
+  EXPECT_EQ(b.src_end(), 1000u * 32 * 4);
+
+  // Inner split of a 3-D tensor: the outer dimensions merge into one loop.
+  const RankPlan q = plan_load(one_tensor({6, 5, 8}, 2, 2), want({6, 5, 8}, 2, 4, 3));
+  ASSERT_EQ(q.tensors[0].reads.size(), 1u);
+  EXPECT_EQ(q.tensors[0].reads[0].loops, (std::vector<Loop>{{30, 4 * 4, 2 * 4}}));
+  EXPECT_EQ(q.tensors[0].reads[0].run_bytes, 2u * 4);
+
+  // Same split dim and count: one run of the whole shard.
+  const RankPlan r = plan_load(one_tensor({6, 5, 8}, 1, 2), want({6, 5, 8}, 1, 2, 1));
+  ASSERT_EQ(r.tensors[0].reads.size(), 1u);
+  EXPECT_TRUE(r.tensors[0].reads[0].loops.empty());
+  EXPECT_EQ(r.tensors[0].reads[0].run_bytes, 6u * 2 * 8 * 4);
+}
+
+TEST(Planner, ChangingSplitDimensionNeedsAtMostTwoLoops) {
+  // [4, 6, 10] saved split on dim 1 (3 shards), loaded split on dim 2 (2):
+  // rows of dim 0 and dim 1 do not merge.
+  const RankPlan p = plan_load(one_tensor({4, 6, 10}, 1, 3), want({4, 6, 10}, 2, 2, 1));
+  ASSERT_EQ(p.tensors[0].reads.size(), 3u);
+  const ReadOp& op = p.tensors[0].reads[1];
+  EXPECT_EQ(op.run_bytes, 5u * 4);
+  EXPECT_EQ(op.loops, (std::vector<Loop>{{4, 2 * 10 * 4, 6 * 5 * 4}, {2, 10 * 4, 5 * 4}}));
+  EXPECT_EQ(op.src_offset, 5u * 4);
+  EXPECT_EQ(op.dst_offset, 2u * 5 * 4);
+}
+
+TEST(Planner, ScalarsAndEmptyTensors) {
+  const RankPlan p = plan_load(one_tensor({}, -1, 2, 8), want({}, -1, 1, 0, 8));
+  ASSERT_EQ(p.tensors[0].reads.size(), 1u);
+  EXPECT_EQ(p.tensors[0].reads[0].run_bytes, 8u);
+  EXPECT_TRUE(p.tensors[0].reads[0].loops.empty());
+  const RankPlan e = plan_load(one_tensor({0, 3}, 0, 2), want({0, 3}, 0, 4, 3));
+  EXPECT_TRUE(e.tensors[0].reads.empty());
+  EXPECT_EQ(e.tensors[0].nbytes, 0u);
+}
+
+TEST(Planner, ReplicasSpreadOverFiles) {
+  // A replicated tensor saved by tp 0 and 1 of one stage, rdp 0 and 1 (v3
+  // replicas): each target rank reads the file of its own tp and rdp rank,
+  // and ranks beyond the saved ones wrap around.
+  const SavedCheckpoint ck = save({1, 2, 2}, Mode::kReplicas);
+  auto file_read = [&](int tp, int rdp, const std::string& name) {
+    TargetRank t;
+    t.tp_rank = tp;
+    t.rdp_rank = rdp;
+    t.tensors.push_back({name, "bfloat16", 2, ShardSpec::replicated({6})});
+    const RankPlan p = plan_load(ck, t);
+    EXPECT_EQ(p.tensors[0].reads.size(), 1u);
+    return ck.parts[p.tensors[0].reads[0].part].file;
+  };
+  EXPECT_EQ(file_read(0, 0, "layers.0.norm.weight"), "ckpt_0_0_0");
+  EXPECT_EQ(file_read(1, 0, "layers.0.norm.weight"), "ckpt_0_1_0");
+  EXPECT_EQ(file_read(1, 1, "layers.0.norm.weight"), "ckpt_0_1_1");
+  EXPECT_EQ(file_read(3, 2, "layers.0.norm.weight"), "ckpt_0_1_0");
+  EXPECT_EQ(file_read(2, 3, "layers.0.norm.weight"), "ckpt_0_0_1");
+
+  // Over every rank of tp4 x rdp2, both rdp replicas of a file are read as
+  // much (parts are ordered pp, tp, rdp).
+  ASSERT_EQ(ck.parts.size(), 4u);
+  std::vector<std::uint64_t> bytes(ck.parts.size(), 0);
+  for (const TargetRank& t : targets({1, 4, 2})) {
+    const auto b = plan_load(ck, t).bytes_by_part(ck.parts.size());
+    for (std::size_t i = 0; i < b.size(); ++i) bytes[i] += b[i];
+  }
+  EXPECT_GT(bytes[0], 0u);
+  EXPECT_GT(bytes[2], 0u);
+  EXPECT_EQ(bytes[1], bytes[0]);
+  EXPECT_EQ(bytes[3], bytes[2]);
+}
+
+TEST(Planner, SplitsAreReadFromTheirOwnFilesFirst) {
+  // A checkpoint holding a tensor both replicated (full save) and split: a
+  // split target of the same layout reads its own shard's file.
+  SavedCheckpoint ck = one_tensor({8, 4}, 0, 2);
+  SavedPart full;
+  full.file = "full";
+  SavedTensor t = ck.parts[0].tensors[0];
+  t.spec = ShardSpec::replicated({8, 4});
+  t.shape = {8, 4};
+  full.tensors.push_back(t);
+  ck.parts.insert(ck.parts.begin(), full);
+  const RankPlan p = plan_load(ck, want({8, 4}, 0, 2, 1));
+  ASSERT_EQ(p.tensors[0].reads.size(), 1u);
+  EXPECT_EQ(ck.parts[p.tensors[0].reads[0].part].file, "ckpt_0_1");
+  // Another split reads the replicated copy: one op.
+  const RankPlan q = plan_load(ck, want({8, 4}, 1, 4, 1));
+  ASSERT_EQ(q.tensors[0].reads.size(), 1u);
+  EXPECT_EQ(ck.parts[q.tensors[0].reads[0].part].file, "full");
+}
+
+// ---- errors -----------------------------------------------------------------
+
+TEST(Planner, MissingFileNamesTensorRangeAndPart) {
+  SavedCheckpoint ck = save({1, 2, 1}, Mode::kV2);
+  ck.parts.erase(ck.parts.begin() + 1);  // ckpt_0_1 lost
+  const std::string msg =
+      test::error_of<CheckpointError>([&] { plan_load(ck, targets({1, 1, 1})); });
+  EXPECT_NE(msg.find("tensor 'embed.vocab' of target rank (pp_rank 0, tp_rank 0, rdp_rank 0)"),
+            std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("needs elements [5, 10) along dim 0 of global shape [10, 6] (saved shard 1 "
+                     "of 2)"),
+            std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("the part of pp_rank 0, tp_rank 1, which is not among the checkpoint's 1 "
+                     "files"),
+            std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("'ckpt_0_0' (pp_rank 0, tp_rank 0)"), std::string::npos) << msg;
+}
+
+TEST(Planner, TensorMissingFromItsFileNamesTheFile) {
+  SavedCheckpoint ck = save({2, 2, 1}, Mode::kV2);
+  // ckpt_1_1 lacks head.weight (split on dim 2: [9, 5, 3] -> tp 1 has column 2).
+  auto& part = ck.parts[3];
+  ASSERT_EQ(part.file, "ckpt_1_1");
+  for (auto it = part.tensors.begin(); it != part.tensors.end(); ++it) {
+    if (it->name == "head.weight") {
+      part.tensors.erase(it);
+      break;
+    }
+  }
+  TargetRank t;
+  t.tensors.push_back({"head.weight", "float32", 4, ShardSpec::replicated({9, 5, 3})});
+  const std::string msg = test::error_of<CheckpointError>([&] { plan_load(ck, t); });
+  EXPECT_NE(msg.find("tensor 'head.weight'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("elements [2, 3) along dim 2 of global shape [9, 5, 3]"), std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("it belongs in 'ckpt_1_1' (pp_rank 1, tp_rank 1), which does not hold it"),
+            std::string::npos)
+      << msg;
+  // A target that needs only the other shard plans fine.
+  TargetRank lower;
+  lower.tensors.push_back({"head.weight", "float32", 4, ShardSpec::split({9, 5, 3}, 2, 2, 0)});
+  EXPECT_NO_THROW(plan_load(ck, lower));
+}
+
+TEST(Planner, UnknownTensor) {
+  const SavedCheckpoint ck = save({2, 1, 1}, Mode::kV2);
+  TargetRank t;
+  t.pp_rank = 1;
+  t.tensors.push_back({"layers.9.fc.weight", "float32", 4, ShardSpec::replicated({10, 6})});
+  t.tensors.push_back({"head.weight", "float32", 4, ShardSpec::replicated({9, 5, 3})});
+  const std::string msg = test::error_of<CheckpointError>([&] { plan_load(ck, t); });
+  EXPECT_NE(msg.find("tensor 'layers.9.fc.weight' of target rank (pp_rank 1, tp_rank 0, rdp_rank "
+                     "0) is in no file of the checkpoint (2 part files, saved with "
+                     "pipeline_parallel_degree 2, tensor_parallel_degree 1, rdp_size 1)"),
+            std::string::npos)
+      << msg;
+
+  PlanOptions lenient;
+  lenient.allow_missing = true;
+  const LoadPlan p = plan_load(ck, std::vector<TargetRank>{t}, lenient);
+  EXPECT_EQ(p.ranks[0].missing, std::vector<std::string>{"layers.9.fc.weight"});
+  EXPECT_FALSE(p.ranks[0].tensors[0].found);
+  EXPECT_TRUE(p.ranks[0].tensors[1].found);
+  EXPECT_EQ(p.ranks[0].tensors[1].reads.size(), 1u);
+  // Everything else the checkpoint holds is reported unused.
+  EXPECT_EQ(p.unused.size(), model().size() - 1);
+}
+
+TEST(Planner, GlobalShapeAndDtypeMismatchNameBoth) {
+  const SavedCheckpoint ck = save({1, 2, 1}, Mode::kV2);
+  TargetRank t;
+  t.tensors.push_back({"embed.vocab", "float32", 4, ShardSpec::split({12, 6}, 0, 2, 0)});
+  std::string msg = test::error_of<CheckpointError>([&] { plan_load(ck, t); });
+  EXPECT_NE(msg.find("tensor 'embed.vocab' of target rank (pp_rank 0, tp_rank 0, rdp_rank 0) has "
+                     "global shape [12, 6] but the checkpoint holds [10, 6] ('ckpt_0_0' "
+                     "(pp_rank 0, tp_rank 0))"),
+            std::string::npos)
+      << msg;
+
+  t.tensors[0] = {"embed.vocab", "bfloat16", 2, ShardSpec::split({10, 6}, 0, 2, 0)};
+  msg = test::error_of<CheckpointError>([&] { plan_load(ck, t); });
+  EXPECT_NE(msg.find("has dtype bfloat16 (2 bytes) but the checkpoint holds float32 (4 bytes) in "
+                     "'ckpt_0_0'"),
+            std::string::npos)
+      << msg;
+}
+
+TEST(Planner, InconsistentCheckpointNamesBothFiles) {
+  SavedCheckpoint ck = save({1, 2, 1}, Mode::kV2);
+  SavedTensor& t = ck.parts[1].tensors[0];
+  ASSERT_EQ(t.name, "embed.vocab");
+  t.spec = ShardSpec::split({12, 6}, 0, 2, 1);
+  t.shape = t.spec.local_shape();
+  std::string msg = test::error_of<CheckpointError>([&] { plan_load(ck, targets({1, 1, 1})); });
+  EXPECT_NE(msg.find("saved tensor 'embed.vocab' has global shape [10, 6] and dtype float32 in "
+                     "'ckpt_0_0' (pp_rank 0, tp_rank 0) but global shape [12, 6] and dtype "
+                     "float32 in 'ckpt_0_1' (pp_rank 0, tp_rank 1)"),
+            std::string::npos)
+      << msg;
+
+  ck = save({1, 2, 1}, Mode::kV2);
+  ck.parts[1].tensors[0].shape = {4, 6};
+  msg = test::error_of<CheckpointError>([&] { plan_load(ck, targets({1, 1, 1})); });
+  EXPECT_NE(msg.find("saved tensor 'embed.vocab' in 'ckpt_0_1' (pp_rank 0, tp_rank 1) is stored "
+                     "with shape [4, 6] but its shard spec [10, 6] split dim 0 shard 1/2 (offset "
+                     "5, size 5) gives [5, 6]"),
+            std::string::npos)
+      << msg;
+}
+
+}  // namespace
+}  // namespace ckpt
+}  // namespace smp
