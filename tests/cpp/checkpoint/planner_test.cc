@@ -72,6 +72,8 @@ std::vector<ModelTensor> model() {
     m.push_back({p + "qkv.weight", {3, 9, 4}, 4, 1, 1, Stage::kLayer, i});
     m.push_back({p + "step", {}, 8, -1, -1, Stage::kLayer, i});
     m.push_back({p + "swap", {8, 6}, 4, 0, 1, Stage::kLayer, i});         // dim 0 -> dim 1
+    m.push_back({p + "turn", {4, 6, 5}, 4, 1, 2, Stage::kLayer, i});      // dim 1 -> dim 2
+    m.push_back({p + "back", {3, 5, 7}, 4, 2, 0, Stage::kLayer, i});      // dim 2 -> dim 0
     m.push_back({p + "scatter", {11, 3}, 4, -1, 0, Stage::kLayer, i});    // replicated -> split
     m.push_back({p + "gather", {3, 7, 2}, 4, 2, -1, Stage::kLayer, i});   // split -> replicated
   }
