@@ -165,24 +165,26 @@ ReadOp box_copy(const Box& piece, const Box& src, const Box& dst, std::size_t el
 }
 
 /// Throws unless `s` is a well-formed spec whose local shape is `shape`
-/// (`shape` null: not checked). `where` names the tensor and its holder.
+/// (`shape` null: not checked). `where()` names the tensor and its holder
+/// (built only for a message).
+template <typename Where>
 void check_spec(const ShardSpec& s, const Shape* shape, std::size_t element_size,
-                const std::string& where) {
+                const Where& where) {
   const int ndim = static_cast<int>(s.global_shape.size());
   for (std::int64_t e : s.global_shape) {
-    SMP_CHECK(e >= 0, CheckpointError, where, " has a negative extent in its global shape ",
+    SMP_CHECK(e >= 0, CheckpointError, where(), " has a negative extent in its global shape ",
               shape_str(s.global_shape));
   }
-  SMP_CHECK(element_size > 0, CheckpointError, where, " has element size 0");
+  SMP_CHECK(element_size > 0, CheckpointError, where(), " has element size 0");
   if (!s.is_replicated()) {
     SMP_CHECK(s.split_dim >= 0 && s.split_dim < ndim && s.shard_index >= 0 &&
                   s.shard_index < s.num_shards,
-              CheckpointError, where, " has an invalid shard spec: split dim ", s.split_dim,
+              CheckpointError, where(), " has an invalid shard spec: split dim ", s.split_dim,
               ", shard ", s.shard_index, " of ", s.num_shards, " for global shape ",
               shape_str(s.global_shape));
   }
   if (shape != nullptr) {
-    SMP_CHECK(*shape == s.local_shape(), CheckpointError, where, " is stored with shape ",
+    SMP_CHECK(*shape == s.local_shape(), CheckpointError, where(), " is stored with shape ",
               shape_str(*shape), " but its shard spec ", s.describe(), " gives ",
               shape_str(s.local_shape()), "; the file's index is inconsistent");
   }
@@ -207,8 +209,9 @@ class Planner {
       const SavedPart& part = saved.parts[p];
       for (std::size_t t = 0; t < part.tensors.size(); ++t) {
         const SavedTensor& st = part.tensors[t];
-        check_spec(st.spec, &st.shape, st.element_size,
-                   detail::str("saved tensor '", st.name, "' in ", part_str(part)));
+        check_spec(st.spec, &st.shape, st.element_size, [&] {
+          return detail::str("saved tensor '", st.name, "' in ", part_str(part));
+        });
         Entry& e = entries_[st.name];
         if (!e.copies.empty()) {
           const Copy first = e.copies.front();
@@ -246,7 +249,7 @@ class Planner {
   const SavedPart& part(const Copy& c) const { return saved_.parts[c.part]; }
 
   TensorPlan plan_tensor(const TargetRank& target, const TargetTensor& t, RankPlan& out) const {
-    const std::string where = detail::str("tensor '", t.name, "' of ", target_str(target));
+    auto where = [&] { return detail::str("tensor '", t.name, "' of ", target_str(target)); };
     check_spec(t.spec, nullptr, t.element_size, where);
     TensorPlan tp;
     tp.name = t.name;
@@ -261,7 +264,7 @@ class Planner {
         out.missing.push_back(t.name);
         return tp;
       }
-      SMP_THROW(CheckpointError, where, " is in no file of the checkpoint (", saved_.parts.size(),
+      SMP_THROW(CheckpointError, where(), " is in no file of the checkpoint (", saved_.parts.size(),
                 " part files, saved with pipeline_parallel_degree ", saved_.pp_size,
                 ", tensor_parallel_degree ", saved_.tp_size, ", rdp_size ", saved_.rdp_size,
                 "); the model or optimizer differs from the one that was saved. Load with "
@@ -269,11 +272,11 @@ class Planner {
     }
     const Entry& e = it->second;
     const SavedTensor& ref = tensor(e.copies.front());
-    SMP_CHECK(ref.spec.global_shape == t.spec.global_shape, CheckpointError, where,
+    SMP_CHECK(ref.spec.global_shape == t.spec.global_shape, CheckpointError, where(),
               " has global shape ", shape_str(t.spec.global_shape), " but the checkpoint holds ",
               shape_str(ref.spec.global_shape), " (", part_str(part(e.copies.front())),
               "); the model differs from the one that was saved");
-    SMP_CHECK(ref.dtype == t.dtype && ref.element_size == t.element_size, CheckpointError, where,
+    SMP_CHECK(ref.dtype == t.dtype && ref.element_size == t.element_size, CheckpointError, where(),
               " has dtype ", t.dtype, " (", t.element_size, " bytes) but the checkpoint holds ",
               ref.dtype, " (", ref.element_size, " bytes) in ", part_str(part(e.copies.front())),
               "; convert the model to the saved dtype before loading, then cast");

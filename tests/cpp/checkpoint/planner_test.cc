@@ -58,7 +58,7 @@ struct ModelTensor {
 
 constexpr int kLayers = 4;
 
-std::vector<ModelTensor> model() {
+std::vector<ModelTensor> make_model() {
   std::vector<ModelTensor> m;
   m.push_back({"embed.vocab", {10, 6}, 4, 0, 0, Stage::kFirst});   // vocab split, uneven
   m.push_back({"embed.dim", {7, 10}, 4, 1, 1, Stage::kFirst});     // embedding-dim split
@@ -80,6 +80,11 @@ std::vector<ModelTensor> model() {
   m.push_back({"head.weight", {9, 5, 3}, 4, 2, 2, Stage::kLast});
   m.push_back({"head.empty", {0, 4}, 4, 0, 0, Stage::kLast});
   for (std::size_t i = 0; i < m.size(); ++i) m[i].id = static_cast<int>(i);
+  return m;
+}
+
+const std::vector<ModelTensor>& model() {
+  static const std::vector<ModelTensor> m = make_model();
   return m;
 }
 
@@ -173,19 +178,25 @@ std::int64_t numel(const Shape& s) {
   return n;
 }
 
-/// Global linear index of local element `local` of a shard.
-std::int64_t global_index(const ShardSpec& spec, std::int64_t local) {
+/// Global linear index of each local element of a shard.
+std::vector<std::int64_t> global_indices(const ShardSpec& spec) {
   const Shape ls = spec.local_shape();
   const Shape& gs = spec.global_shape;
-  std::int64_t g = 0, stride = 1;
-  for (std::size_t d = ls.size(); d-- > 0;) {
-    std::int64_t i = local % ls[d];
-    local /= ls[d];
-    if (!spec.is_replicated() && static_cast<int>(d) == spec.split_dim) i += spec.offset();
-    g += i * stride;
-    stride *= gs[d];
+  const int split = spec.is_replicated() ? -1 : spec.split_dim;
+  const std::int64_t offset = spec.offset();
+  std::vector<std::int64_t> out(numel(ls));
+  for (std::int64_t k = 0; k < numel(ls); ++k) {
+    std::int64_t local = k, g = 0, stride = 1;
+    for (std::size_t d = ls.size(); d-- > 0;) {
+      std::int64_t i = local % ls[d];
+      local /= ls[d];
+      if (static_cast<int>(d) == split) i += offset;
+      g += i * stride;
+      stride *= gs[d];
+    }
+    out[k] = g;
   }
-  return g;
+  return out;
 }
 
 /// The value element `global` of tensor `id` holds: unique per tensor and element.
@@ -201,23 +212,26 @@ std::uint64_t load(const std::uint8_t* at, std::size_t es) {
   return v;
 }
 
-std::map<std::string, int> ids() {
-  std::map<std::string, int> out;
-  for (const ModelTensor& m : model()) out[m.name] = m.id;
+const std::map<std::string, int>& ids() {
+  static const std::map<std::string, int> out = [] {
+    std::map<std::string, int> m;
+    for (const ModelTensor& t : model()) m[t.name] = t.id;
+    return m;
+  }();
   return out;
 }
 
 /// Source buffers: parts x tensors, each element = value_of(id, its global index).
 std::vector<std::vector<std::vector<std::uint8_t>>> fill(const SavedCheckpoint& ck) {
-  const auto id = ids();
+  const auto& id = ids();
   std::vector<std::vector<std::vector<std::uint8_t>>> out;
   for (const SavedPart& p : ck.parts) {
     auto& bufs = out.emplace_back();
     for (const SavedTensor& t : p.tensors) {
       auto& b = bufs.emplace_back(numel(t.shape) * t.element_size);
+      const auto global = global_indices(t.spec);
       for (std::int64_t i = 0; i < numel(t.shape); ++i) {
-        store(&b[i * t.element_size], value_of(id.at(t.name), global_index(t.spec, i)),
-              t.element_size);
+        store(&b[i * t.element_size], value_of(id.at(t.name), global[i]), t.element_size);
       }
     }
   }
@@ -229,7 +243,7 @@ std::vector<std::vector<std::vector<std::uint8_t>>> fill(const SavedCheckpoint& 
 void check_plan(const SavedCheckpoint& ck, const TargetRank& target, const RankPlan& plan,
                 const std::vector<std::vector<std::vector<std::uint8_t>>>& src,
                 const std::string& context) {
-  const auto id = ids();
+  const auto& id = ids();
   ASSERT_EQ(plan.tensors.size(), target.tensors.size()) << context;
   EXPECT_TRUE(plan.missing.empty()) << context;
   for (std::size_t k = 0; k < target.tensors.size(); ++k) {
@@ -267,11 +281,12 @@ void check_plan(const SavedCheckpoint& ck, const TargetRank& target, const RankP
       });
     }
     EXPECT_EQ(total, tp.nbytes) << where;
+    const auto global = global_indices(t.spec);
+    const int tid = id.at(t.name);
     for (std::int64_t i = 0; i < n; ++i) {
       ASSERT_EQ(written[i], 1) << where << ": element " << i << " written " << written[i]
                                << " times";
-      ASSERT_EQ(load(&dst[i * es], es), value_of(id.at(t.name), global_index(t.spec, i)))
-          << where << ": element " << i;
+      ASSERT_EQ(load(&dst[i * es], es), value_of(tid, global[i])) << where << ": element " << i;
     }
   }
 }
