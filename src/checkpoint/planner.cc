@@ -13,7 +13,7 @@ namespace ckpt {
 
 std::int64_t ReadOp::runs() const {
   std::int64_t n = 1;
-  for (const Loop& l : loops) n *= l.count;
+  for (const RunLoop& l : loops) n *= l.count;
   return n;
 }
 
@@ -22,7 +22,7 @@ std::uint64_t ReadOp::bytes() const { return static_cast<std::uint64_t>(runs()) 
 std::uint64_t ReadOp::src_end() const {
   if (runs() == 0 || run_bytes == 0) return src_offset;
   std::uint64_t end = src_offset + run_bytes;
-  for (const Loop& l : loops) end += static_cast<std::uint64_t>((l.count - 1) * l.src_stride);
+  for (const RunLoop& l : loops) end += static_cast<std::uint64_t>((l.count - 1) * l.src_stride);
   return end;
 }
 
@@ -124,7 +124,7 @@ ReadOp box_copy(const Box& piece, const Box& src, const Box& dst, std::size_t el
   }
   const Shape ss = row_major_strides(src_ext), ds = row_major_strides(dst_ext);
   std::int64_t src_off = 0, dst_off = 0;
-  std::vector<Loop> dims;  // outer first, strides in elements
+  std::vector<RunLoop> dims;  // outer first, strides in elements
   for (std::size_t d = 0; d < n; ++d) {
     src_off += (piece.lo[d] - src.lo[d]) * ss[d];
     dst_off += (piece.lo[d] - dst.lo[d]) * ds[d];
@@ -138,10 +138,10 @@ ReadOp box_copy(const Box& piece, const Box& src, const Box& dst, std::size_t el
     dims.pop_back();
   }
   // Merge an outer loop into the next inner one when it continues it exactly.
-  std::vector<Loop> loops;
+  std::vector<RunLoop> loops;
   for (auto it = dims.rbegin(); it != dims.rend(); ++it) {
     if (!loops.empty()) {
-      Loop& inner = loops.back();
+      RunLoop& inner = loops.back();
       if (it->src_stride == inner.src_stride * inner.count &&
           it->dst_stride == inner.dst_stride * inner.count) {
         inner.count *= it->count;
@@ -156,7 +156,7 @@ ReadOp box_copy(const Box& piece, const Box& src, const Box& dst, std::size_t el
   op.src_offset = static_cast<std::uint64_t>(src_off * es);
   op.dst_offset = static_cast<std::uint64_t>(dst_off * es);
   op.run_bytes = static_cast<std::uint64_t>(run * es);
-  for (Loop& l : loops) {
+  for (RunLoop& l : loops) {
     l.src_stride *= es;
     l.dst_stride *= es;
   }

@@ -85,11 +85,11 @@ struct TargetRank {
 
 /// One level of a strided copy: `count` repetitions, advancing the source by
 /// `src_stride` and the destination by `dst_stride` bytes each time.
-struct Loop {
+struct RunLoop {
   std::int64_t count = 1;
   std::int64_t src_stride = 0;
   std::int64_t dst_stride = 0;
-  bool operator==(const Loop& o) const {
+  bool operator==(const RunLoop& o) const {
     return count == o.count && src_stride == o.src_stride && dst_stride == o.dst_stride;
   }
 };
@@ -109,7 +109,7 @@ struct ReadOp {
   std::uint64_t src_offset = 0;
   std::uint64_t dst_offset = 0;
   std::uint64_t run_bytes = 0;
-  std::vector<Loop> loops;
+  std::vector<RunLoop> loops;
 
   /// Number of runs (product of the loop counts).
   std::int64_t runs() const;
@@ -128,7 +128,7 @@ template <typename Fn>
 void for_each_run(const ReadOp& op, Fn&& fn) {
   const std::size_t n = op.loops.size();
   if (op.run_bytes == 0) return;
-  for (const Loop& l : op.loops) {
+  for (const RunLoop& l : op.loops) {
     if (l.count <= 0) return;
   }
   std::vector<std::int64_t> idx(n, 0);

@@ -98,7 +98,8 @@ int stage_of(const ModelTensor& t, int pp) {
 }
 
 ShardSpec spec_of(const Shape& shape, int dim, int tp, int tp_rank) {
-  return dim < 0 || tp == 1 ? ShardSpec::replicated(shape) : ShardSpec::split(shape, dim, tp, tp_rank);
+  return dim < 0 || tp == 1 ? ShardSpec::replicated(shape)
+                            : ShardSpec::split(shape, dim, tp, tp_rank);
 }
 
 std::string dtype_of(std::size_t es) {
@@ -381,7 +382,7 @@ TEST(Planner, ColumnSplitsAreOneLoopOfRuns) {
   EXPECT_EQ(b.part, 1u);
   EXPECT_EQ(b.run_bytes, 32u * 4);
   ASSERT_EQ(b.loops.size(), 1u);
-  EXPECT_EQ(b.loops[0], (Loop{1000, 32 * 4, 64 * 4}));
+  EXPECT_EQ(b.loops[0], (RunLoop{1000, 32 * 4, 64 * 4}));
   EXPECT_EQ(b.src_offset, 0u);
   EXPECT_EQ(b.dst_offset, 32u * 4);
   EXPECT_EQ(b.src_end(), 1000u * 32 * 4);
@@ -389,7 +390,7 @@ TEST(Planner, ColumnSplitsAreOneLoopOfRuns) {
   // Inner split of a 3-D tensor: the outer dimensions merge into one loop.
   const RankPlan q = plan_load(one_tensor({6, 5, 8}, 2, 2), want({6, 5, 8}, 2, 4, 3));
   ASSERT_EQ(q.tensors[0].reads.size(), 1u);
-  EXPECT_EQ(q.tensors[0].reads[0].loops, (std::vector<Loop>{{30, 4 * 4, 2 * 4}}));
+  EXPECT_EQ(q.tensors[0].reads[0].loops, (std::vector<RunLoop>{{30, 4 * 4, 2 * 4}}));
   EXPECT_EQ(q.tensors[0].reads[0].run_bytes, 2u * 4);
 
   // Same split dim and count: one run of the whole shard.
@@ -406,7 +407,7 @@ TEST(Planner, ChangingSplitDimensionNeedsAtMostTwoLoops) {
   ASSERT_EQ(p.tensors[0].reads.size(), 3u);
   const ReadOp& op = p.tensors[0].reads[1];
   EXPECT_EQ(op.run_bytes, 5u * 4);
-  EXPECT_EQ(op.loops, (std::vector<Loop>{{4, 2 * 10 * 4, 6 * 5 * 4}, {2, 10 * 4, 5 * 4}}));
+  EXPECT_EQ(op.loops, (std::vector<RunLoop>{{4, 2 * 10 * 4, 6 * 5 * 4}, {2, 10 * 4, 5 * 4}}));
   EXPECT_EQ(op.src_offset, 5u * 4);
   EXPECT_EQ(op.dst_offset, 2u * 5 * 4);
 }
