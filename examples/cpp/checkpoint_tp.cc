@@ -127,10 +127,13 @@ double train_step(Run& r, int step) {
   return mean.item<double>();
 }
 
-/// The full model on world rank 0 ({} elsewhere); every rank must call it.
+/// A copy of the full model on world rank 0 ({} elsewhere); every rank must
+/// call it. (State dicts share the live tensors, which training changes.)
 smp::TensorMap full_params(Run& r) {
-  if (smp::rdp_rank() != 0) return smp::TensorMap();
-  return r.model->state_dict_full();
+  smp::TensorMap out;
+  if (smp::rdp_rank() != 0) return out;
+  for (const auto& e : r.model->state_dict_full()) out.insert(e.key(), e.value().clone());
+  return out;
 }
 
 struct Reference {

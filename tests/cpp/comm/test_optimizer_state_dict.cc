@@ -144,13 +144,20 @@ INSTANTIATE_TEST_SUITE_P(Optimizers, OptimizerStateDictTest,
                                   (std::get<1>(info.param) ? "_sharded" : "_plain");
                          });
 
+class OptimizerStateDict : public ::testing::Test {
+ protected:
+  void TearDown() override {
+    if (is_initialized()) shutdown();
+  }
+};
+
 std::vector<std::string> keys(const Value& d) {
   std::vector<std::string> out;
   for (const auto& [k, v] : d.pairs()) out.push_back(k.is_string() ? k.as_string() : k.repr());
   return out;
 }
 
-TEST(OptimizerStateDict, HasThePythonStructure) {
+TEST_F(OptimizerStateDict, HasThePythonStructure) {
   init({{"ddp", true}});
   {
     Trainer a("Adam", 0.01);
@@ -185,7 +192,7 @@ TEST(OptimizerStateDict, HasThePythonStructure) {
   }
 }
 
-TEST(OptimizerStateDict, Errors) {
+TEST_F(OptimizerStateDict, Errors) {
   init({{"ddp", true}});
   {
     Trainer a("Adam", 0.01);
