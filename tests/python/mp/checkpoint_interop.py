@@ -33,9 +33,12 @@ STEPS, MORE = 3, 2
 class Net(torch.nn.Module):
     def __init__(self, seed):
         super().__init__()
-        self.emb = smp.nn.DistributedEmbedding(VOCAB, DIM, seed=seed + 1)
-        self.fc1 = smp.nn.DistributedLinear(DIM, HIDDEN, seed=seed + 2)
-        self.fc2 = smp.nn.DistributedLinear(HIDDEN, HIDDEN, seed=seed + 3)
+        # The C++ model's layout: embedding and the first two Linear layers
+        # tensor-parallel (replaced by smp.DistributedModel), the head not.
+        with smp.tensor_parallelism():
+            self.emb = torch.nn.Embedding(VOCAB, DIM)
+            self.fc1 = torch.nn.Linear(DIM, HIDDEN)
+            self.fc2 = torch.nn.Linear(HIDDEN, HIDDEN)
         self.head = torch.nn.Linear(HIDDEN, OUT)
 
     def forward(self, ids):
@@ -170,4 +173,11 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
