@@ -159,13 +159,14 @@ void bind_nn(py::module_& root) {
       "embedding_forward",
       [](const at::Tensor& ids, const at::Tensor& weight, std::int64_t full_dim,
          std::int64_t offset, bool vocab_parallel, std::optional<std::int64_t> padding_idx,
-         bool prescaled_batch) {
+         bool prescaled_batch, std::int64_t num_embeddings) {
         py::gil_scoped_release release;
         return embedding_forward(ids, weight, full_dim, offset, vocab_parallel, padding_idx,
-                                 prescaled_batch);
+                                 prescaled_batch, num_embeddings);
       },
       py::arg("ids"), py::arg("weight"), py::arg("full_dim"), py::arg("offset"),
-      py::arg("vocab_parallel"), py::arg("padding_idx"), py::arg("prescaled_batch"));
+      py::arg("vocab_parallel"), py::arg("padding_idx"), py::arg("prescaled_batch"),
+      py::arg("num_embeddings") = -1);
 
   py::class_<TransformerOptions>(m, "TransformerOptions")
       .def_readwrite("local_heads", &TransformerOptions::local_heads)

@@ -67,7 +67,8 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight_shard,
 
 at::Tensor embedding_forward(const at::Tensor& ids, const at::Tensor& weight_shard,
                              std::int64_t full_dim, std::int64_t offset, bool vocab_parallel,
-                             std::optional<std::int64_t> padding_idx, bool prescaled_batch) {
+                             std::optional<std::int64_t> padding_idx, bool prescaled_batch,
+                             std::int64_t num_embeddings) {
   SMP_CHECK(!at::isFloatingType(ids.scalar_type()) && !at::isComplexType(ids.scalar_type()),
             ConfigError, "DistributedEmbedding: the indices must be an integer tensor, got ",
             ids.scalar_type());
@@ -78,6 +79,19 @@ at::Tensor embedding_forward(const at::Tensor& ids, const at::Tensor& weight_sha
             "(dim 0); got a 0-d tensor");
   const std::int64_t local_batch = ids.dim() >= 1 ? ids.size(0) : 0;
   const at::Tensor all = enter_nograd(ids, prescaled_batch).to(at::kLong);
+  // Every member checks the same (gathered or shared) ids, so all raise alike.
+  if (num_embeddings < 0 && !vocab_parallel) num_embeddings = weight_shard.size(0);
+  if (all.numel() > 0) {
+    const at::Tensor bad = (all < 0).logical_or(
+        num_embeddings >= 0 ? all >= num_embeddings : at::zeros_like(all, at::kBool));
+    if (bad.any().item<bool>()) {
+      const std::int64_t id = all.masked_select(bad).flatten()[0].item<std::int64_t>();
+      SMP_THROW(ConfigError, "DistributedEmbedding on tp rank ", tp_rank(), ": index ", id,
+                " is out of range for a vocabulary of ", num_embeddings,
+                " embeddings (valid ids: 0 to ", num_embeddings - 1,
+                "); check the tokenizer's vocabulary size against num_embeddings");
+    }
+  }
 
   if (!vocab_parallel) {
     SMP_CHECK(offset >= 0 && offset + weight_shard.size(1) <= full_dim, ConfigError,
@@ -129,9 +143,11 @@ TransformerWeights transformer_weights(const std::function<at::Tensor(const std:
   w.fc1_bias = need("output.dense1.bias");
   w.fc2_weight = need("output.dense2.weight");
   w.fc2_bias = maybe("output.dense2.bias");
-  if (post_layernorm) {
+  if (post_layernorm && !pre_layernorm) {
     w.ln1_weight = need("attention.layernorm.weight");
     w.ln1_bias = need("attention.layernorm.bias");
+  }
+  if (post_layernorm) {
     w.ln2_weight = need("output.layernorm.weight");
     w.ln2_bias = need("output.layernorm.bias");
   }
@@ -215,7 +231,7 @@ at::Tensor transformer_layer_forward(const at::Tensor& x,
   const at::Tensor ctx = at::matmul(probs, v).transpose(1, 2).reshape({rows, s, lh * hd});
   const at::Tensor attn = leave(at::linear(ctx, w.out_weight, opt(w.out_bias)), b, o.prescaled_batch);
   at::Tensor r1 = x + hidden_dropout(attn);
-  if (o.post_layernorm) r1 = layer_norm(r1, w.ln1_weight, w.ln1_bias);
+  if (o.post_layernorm && !o.pre_layernorm) r1 = layer_norm(r1, w.ln1_weight, w.ln1_bias);
 
   // MLP: intermediate units of this rank.
   h = o.pre_layernorm ? layer_norm(r1, w.pre_ln2_weight, w.pre_ln2_bias) : r1;

@@ -24,16 +24,22 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight_shard,
 /// dim_shard] holds columns at dim_offset of the embedding dimension;
 /// vocab_parallel=true: weight [vocab_shard, dim] holds rows at vocab_offset.
 /// ids: integer tensor of any shape; returns [*ids.shape, dim].
+/// num_embeddings: the full vocabulary; every id of the TP group's rows must
+/// be in [0, num_embeddings), else ConfigError naming the id (on every member,
+/// since each checks the same gathered ids). -1: the weight's rows when not
+/// vocab_parallel.
 at::Tensor embedding_forward(const at::Tensor& ids, const at::Tensor& weight_shard,
                              std::int64_t full_dim, std::int64_t offset, bool vocab_parallel,
-                             std::optional<std::int64_t> padding_idx, bool prescaled_batch);
+                             std::optional<std::int64_t> padding_idx, bool prescaled_batch,
+                             std::int64_t num_embeddings = -1);
 
 /// Weights of one transformer layer on this rank. Q/K/V and fc1 are split by
 /// output (heads / intermediate units of this rank), attention output and fc2
 /// by input; their biases: q/k/v/fc1 biases split with the weights, out/fc2
 /// biases on tp_rank 0 only. LayerNorms are replicated: ln1/ln2 after the
-/// residual adds (post_layernorm), pre_ln1/pre_ln2 at the sublayers' inputs
-/// (pre_layernorm); undefined when that option is off.
+/// residual adds (post_layernorm; with pre_layernorm too, ln2 only, as smp
+/// v1), pre_ln1/pre_ln2 at the sublayers' inputs (pre_layernorm); undefined
+/// when that option is off.
 struct TransformerWeights {
   at::Tensor qkv_weight;  ///< [3 * local_heads * head_size, hidden] (q rows, then k, then v)
   at::Tensor qkv_bias;    ///< [3 * local_heads * head_size]
@@ -63,8 +69,9 @@ struct TransformerOptions {
   double hidden_dropout = 0.0;
   std::string activation = "gelu";  ///< "gelu" | "relu"
   double layernorm_epsilon = 1e-5;
-  /// y = x + sublayer(LN(x)) (GPT style); with post_layernorm too, the
-  /// post LayerNorm is applied to that sum.
+  /// y = x + sublayer(LN(x)) (GPT style); with post_layernorm too, as in
+  /// smp v1, only the MLP sublayer's sum gets the post LayerNorm (the layer's
+  /// output), the attention sublayer's does not.
   bool pre_layernorm = false;
   /// y = LN(x + sublayer(x)) (BERT style).
   bool post_layernorm = true;
