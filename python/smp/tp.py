@@ -21,6 +21,10 @@ inputs of the replacement's forward and ``return_hook(output)`` its output.
 Built-in entries torch.nn.Linear -> smp.nn.DistributedLinear and
 torch.nn.Embedding -> smp.nn.DistributedEmbedding are resolved when first
 needed; a user registration of the same type takes precedence.
+
+As in smp v1, a replacement gets only the marking keywords that its
+from_module / constructor accepts, and a module that shares a parameter with a
+module outside its subtree (a tied LM head) is not distributed (replace_marked).
 """
 
 import collections

@@ -14,9 +14,10 @@ num_attention_heads must be divisible by the tensor-parallel degree (smp v1
 splits heads unevenly; here that raises ConfigError naming both numbers).
 Keywords of smp v1 that select CUDA kernels or fp16 tricks
 (``query_key_layer_scaling``, ``fused_softmax``, ``fused_bias_gelu``,
-``fp32_residual_addition``, ``_scale_qkv_fan_out``) are accepted and compute
-the same function in plain torch; ``attention_in_fp32`` computes the attention
-scores and softmax in float32.
+``fp32_residual_addition``, ``_scale_qkv_fan_out``, ``alibi_bias_max``) are
+accepted and compute the same function; ``attention_in_fp32`` computes the
+attention scores and softmax in float32. The forwards are the engine's
+(smp/nn/layers.h: attention_forward, mlp_forward, transformer_layer_forward).
 
 Initialization: ``use_normal_initialization=False`` (v1's default) draws the
 projections as torch.nn.Linear does (U(+-1/sqrt(fan_in)), weights and biases);
@@ -28,12 +29,9 @@ generator, so seed torch alike on every rank) and each rank keeps its slice.
 import math
 
 import torch
-import torch.nn.functional as F
 
-from smp import _C, comm
-from smp._C import CommGroup
+from smp import _C
 from smp._runtime import tp_size
-from smp.nn import functional as tpf
 from smp.nn.base import DistributedContainer, DistributedModule, _require_init, _seed
 
 _F = _C.nn
@@ -87,57 +85,10 @@ def _init(module, seed, use_normal):
                 bias, torch.empty(names[bias]["global_shape"]).uniform_(-bound, bound, generator=g))
 
 
-def _enter(x, prescaled):
-    if tp_size() == 1:
-        return x
-    return tpf.copy_to_group(x) if prescaled else tpf.gather_batch(x)
-
-
-def _leave(y, local_batch, prescaled):
-    if tp_size() == 1:
-        return y
-    return tpf.reduce_from_group(y) if prescaled else tpf.reduce_scatter_batch(y, local_batch)
-
-
-def _group_rows(t, batch, prescaled):
-    """A mask (or cross states without gradient) for the TP group's rows."""
-    if tp_size() == 1 or prescaled:
-        return t
-    return tpf.allgather_along(t.expand(batch, *t.shape[1:]).contiguous(), 0)
-
-
-def _replicated_dropout(t, p, training, prescaled):
-    """Dropout on rows every tp rank holds alike (prescaled_batch): one mask,
-    drawn on tp rank 0."""
-    if not training or p <= 0.0:
-        return t
-    if tp_size() == 1 or not prescaled:
-        return F.dropout(t, p, True)
-    keep = torch.empty_like(t).bernoulli_(1.0 - p)
-    comm.broadcast(keep, 0, CommGroup.TP_GROUP)
-    return t * keep / (1.0 - p)
-
-
-def _additive_mask(mask, who):
-    if mask is None:
-        return None
-    if not mask.is_floating_point():
-        raise _C.ConfigError(
-            f"smp.nn.{who}: attention_mask must be an additive float mask (0 keep, large negative "
-            f"drop), got dtype {mask.dtype}")
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    if tp_size() > 1 and mask.shape[1] != 1:
-        raise _C.ConfigError(
-            f"smp.nn.{who}: attention_mask dimension 1 must be 1 (one mask for all heads) when "
-            f"tensor_parallel_degree > 1, got shape {tuple(mask.shape)}")
-    return mask
-
-
 class _Sublayer(DistributedModule):
     """Shared construction of the attention and output sublayers."""
 
-    def _setup(self, layouts, seed, use_normal, dtype, device, layernorm_epsilon):
+    def _setup(self, layouts, seed, use_normal, dtype, device):
         seed = _seed(seed)
         names = list(layouts)
         values = list(layouts.values())
@@ -152,15 +103,12 @@ class _Sublayer(DistributedModule):
             if sub is not None:
                 for child_name, child in sub.named_children():
                     self.add_module(child_name, child)
-        self.layernorm_epsilon = float(layernorm_epsilon)
         _init(self, seed, use_normal)
 
-    def _local(self, name):
-        return self._smp_local(name)
-
-    def _ln(self, t, name):
-        return F.layer_norm(t, t.shape[-1:], self._local(name + ".weight"),
-                            self._local(name + ".bias"), self.layernorm_epsilon)
+    def _forward_options(self):
+        self._options.training = self.training
+        self._options.prescaled_batch = self._smp_prescaled_batch
+        return self._options
 
 
 class DistributedAttentionLayer(_Sublayer):
@@ -195,65 +143,31 @@ class DistributedAttentionLayer(_Sublayer):
         self.pre_layernorm = bool(pre_layernorm)
         self.post_layernorm = bool(post_layernorm)
         self.attention_in_fp32 = bool(attention_in_fp32)
-        # Checks the head split (and the other options) once, in the engine.
-        options = _F.transformer_options(
-            self.num_attention_heads, self.attention_head_size, True, True,
-            float(attention_dropout_prob), float(hidden_dropout_prob), "gelu",
-            float(layernorm_epsilon), False, False, tp_size())
-        self.local_attention_heads = options.local_heads
-        self.attention_dropout_prob = float(attention_dropout_prob)
-        self.hidden_dropout_prob = float(hidden_dropout_prob)
+        # Checks the head split (and the other options) in the engine.
+        self._options = _F.transformer_options(
+            self.num_attention_heads, self.attention_head_size, self.pre_layernorm,
+            self.post_layernorm, float(attention_dropout_prob), float(hidden_dropout_prob),
+            "gelu", float(layernorm_epsilon),
+            self.causal_mask_size is not None and not self.cross_attention, False, tp_size())
+        self._options.attention_in_fp32 = self.attention_in_fp32
+        self.local_attention_heads = self._options.local_heads
         layouts = _layouts(self.num_attention_heads, self.attention_head_size, self.hidden_size, 1,
                            self.pre_layernorm, self.post_layernorm, float(initializer_range),
                            "attention")
-        self._setup(layouts, seed, use_normal_initialization, dtype, device, layernorm_epsilon)
+        self._setup(layouts, seed, use_normal_initialization, dtype, device)
 
     def forward(self, inputs):
         if self.cross_attention:
             hidden_states, cross_states, attention_mask = inputs
         else:
             (hidden_states, attention_mask), cross_states = inputs, None
-        who = type(self).__name__
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise _C.ConfigError(
-                f"smp.nn.{who}: hidden_states must be [batch, seq, {self.hidden_size}], got "
-                f"{tuple(hidden_states.shape)}")
-        prescaled = self._smp_prescaled_batch
-        b, s, _ = hidden_states.shape
         if (self.causal_mask_size is not None and not self.cross_attention
-                and s > self.causal_mask_size):
+                and hidden_states.dim() >= 2 and hidden_states.shape[1] > self.causal_mask_size):
             raise _C.ConfigError(
-                f"smp.nn.{who}: sequence length {s} exceeds causal_mask_size "
-                f"{self.causal_mask_size}")
-        lh, hd = self.local_attention_heads, self.attention_head_size
-        h = self._ln(hidden_states, "pre_layernorm") if self.pre_layernorm else hidden_states
-        hin = _enter(h, prescaled)
-        rows = hin.shape[0]
-        kv_in = hin if cross_states is None else _enter(cross_states, prescaled)
-        q = F.linear(hin, self._local("query.weight"), self._local("query.bias"))
-        k = F.linear(kv_in, self._local("key.weight"), self._local("key.bias"))
-        v = F.linear(kv_in, self._local("value.weight"), self._local("value.bias"))
-        heads = lambda t: t.reshape(rows, t.shape[1], lh, hd).transpose(1, 2)  # noqa: E731
-        q, k, v = heads(q), heads(k), heads(v)
-        dtype = q.dtype
-        if self.attention_in_fp32:
-            q, k = q.float(), k.float()
-        scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
-        if self.causal_mask_size is not None and not self.cross_attention:
-            future = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1)
-            scores = scores.masked_fill(future, float("-inf"))
-        mask = _additive_mask(attention_mask, who)
-        if mask is not None:
-            scores = scores + _group_rows(mask, b, prescaled).to(scores.dtype)
-        probs = scores.softmax(-1).to(dtype)
-        if self.training and self.attention_dropout_prob > 0.0:
-            probs = F.dropout(probs, self.attention_dropout_prob, True)
-        ctx = (probs @ v).transpose(1, 2).reshape(rows, s, lh * hd)
-        out = _leave(F.linear(ctx, self._local("dense.weight"), self._local("dense.bias")), b,
-                     prescaled)
-        out = hidden_states + _replicated_dropout(out, self.hidden_dropout_prob, self.training,
-                                                  prescaled)
-        return self._ln(out, "layernorm") if self.post_layernorm else out
+                f"smp.nn.{type(self).__name__}: sequence length {hidden_states.shape[1]} "
+                f"exceeds causal_mask_size {self.causal_mask_size}")
+        return _F.attention_forward(hidden_states, cross_states, attention_mask,
+                                    dict(self.named_parameters()), self._forward_options())
 
     def extra_repr(self):
         return (f"heads={self.num_attention_heads}x{self.attention_head_size}, "
@@ -280,28 +194,21 @@ class DistributedTransformerOutputLayer(_Sublayer):
         self.post_layernorm = bool(post_layernorm)
         self.activation = str(activation)
         self.hidden_dropout_prob = float(hidden_dropout_prob)
-        _F.transformer_options(tp_size(), 1, True, True, 0.0, self.hidden_dropout_prob,
-                               self.activation, float(layernorm_epsilon), False, False, tp_size())
+        self._options = _F.transformer_options(
+            tp_size(), 1, self.pre_layernorm, self.post_layernorm, 0.0, self.hidden_dropout_prob,
+            self.activation, float(layernorm_epsilon), False, False, tp_size())
         layouts = _layouts(tp_size(), 1, self.hidden_size, self.intermediate_size,
                            self.pre_layernorm, self.post_layernorm, float(initializer_range),
                            "output")
-        self._setup(layouts, seed, use_normal_initialization, dtype, device, layernorm_epsilon)
+        self._setup(layouts, seed, use_normal_initialization, dtype, device)
 
     def forward(self, hidden_states):
         if hidden_states.dim() < 2 or hidden_states.shape[-1] != self.hidden_size:
             raise _C.ConfigError(
                 f"smp.nn.{type(self).__name__}: the input must be [batch, ..., "
                 f"{self.hidden_size}], got {tuple(hidden_states.shape)}")
-        prescaled = self._smp_prescaled_batch
-        h = self._ln(hidden_states, "pre_layernorm") if self.pre_layernorm else hidden_states
-        hin = _enter(h, prescaled)
-        f = F.linear(hin, self._local("dense1.weight"), self._local("dense1.bias"))
-        f = F.gelu(f) if self.activation == "gelu" else F.relu(f)
-        out = _leave(F.linear(f, self._local("dense2.weight"), self._local("dense2.bias")),
-                     hidden_states.shape[0], prescaled)
-        out = hidden_states + _replicated_dropout(out, self.hidden_dropout_prob, self.training,
-                                                  prescaled)
-        return self._ln(out, "layernorm") if self.post_layernorm else out
+        return _F.mlp_forward(hidden_states, dict(self.named_parameters()),
+                              self._forward_options())
 
     def extra_repr(self):
         return (f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
@@ -359,6 +266,7 @@ class DistributedTransformerLayer(DistributedModule):
             str(activation), float(layernorm_epsilon), self.causal_mask_size is not None,
             False, tp_size(),
         )
+        self._options.attention_in_fp32 = bool(attention_in_fp32)
         seed = _seed(seed)
         self._smp_build(layouts, seed, dtype, device)
         self._options.prescaled_batch = self._smp_prescaled_batch
@@ -523,8 +431,8 @@ class DistributedTransformerLMHead(DistributedContainer):
         if token_type_ids is not None:
             h = h + (self.token_type_embedding(token_type_ids) if self.num_token_types > 0
                      else self.word_embedding(token_type_ids))
-        h = _replicated_dropout(h, self.hidden_dropout_prob, self.training,
-                                self._smp_prescaled_batch)
+        h = _F.replicated_dropout(h, self.hidden_dropout_prob, self.training,
+                                  self._smp_prescaled_batch)
         mask = None
         if attention_mask is not None:
             mask = (1.0 - attention_mask.reshape(input_ids.shape[0], -1)[:, None, None, :]
