@@ -273,20 +273,16 @@ def make_distributed(module):
     return new
 
 
-def _shared_outside(root):
-    """{id(module): name of a parameter it shares with a module outside its
-    subtree} for every module of ``root`` that shares one (a tied output layer
-    and input embedding: GPT-2's lm_head.weight is wte.weight)."""
-    count = collections.Counter(id(p) for _, p in root.named_parameters(remove_duplicate=False))
-    shared = {}
-    for _, m in root.named_modules():
-        inside = collections.Counter(
-            id(p) for _, p in m.named_parameters(remove_duplicate=False))
-        for name, p in m.named_parameters(remove_duplicate=False):
-            if inside[id(p)] < count[id(p)]:
-                shared[id(m)] = name
-                break
-    return shared
+def _shared_param(module, counts):
+    """The name of a parameter of ``module`` that a module outside its subtree
+    also holds (a tied output layer and input embedding: GPT-2's lm_head.weight
+    is wte.weight), or None. ``counts``: {id(param): occurrences in the root}."""
+    params = list(module.named_parameters(remove_duplicate=False))
+    inside = collections.Counter(id(p) for _, p in params)
+    for name, p in params:
+        if inside[id(p)] < counts[id(p)]:
+            return name
+    return None
 
 
 _tie_logged = set()
@@ -301,19 +297,21 @@ def replace_marked(root):
     own subtree is not distributed (slicing it would untie the two, and they
     would train apart): it stays as it is, and this is logged once per module
     path. Its submodules are not distributed either."""
-    shared = _shared_outside(root)
+    counts = collections.Counter(
+        id(p) for _, p in root.named_parameters(remove_duplicate=False))
 
     def replace(module, path):
         if tp_config(module) is None or is_dist_module(module) or _entry_for(module) is None:
             return None
-        if id(module) in shared:
+        shared = _shared_param(module, counts)
+        if shared is not None:
             key = (path, type(module).__name__)
             if key not in _tie_logged:
                 _tie_logged.add(key)
                 logger.warning(
                     "smp: %s (%s) shares parameter '%s' with another module, so it is not "
                     "distributed (tensor parallelism keeps tied weights replicated, as smp v1 "
-                    "does)", path or "the model", type(module).__name__, shared[id(module)])
+                    "does)", path or "the model", type(module).__name__, shared)
             return module
         return make_distributed(module)
 

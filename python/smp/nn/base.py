@@ -141,7 +141,7 @@ class DistributedContainer(DistributedModule):
         """{prefix: outermost tensor-parallel submodule} (prefix ends with '.')."""
         parts = {}
         for name, m in self.named_modules():
-            if m is self or not isinstance(m, DistributedModule):
+            if m is self or not callable(getattr(m, "_smp_shard_specs", None)):
                 continue
             if any(name.startswith(p) for p in parts):
                 continue

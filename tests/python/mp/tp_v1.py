@@ -235,8 +235,9 @@ def load(dist, ref):
 
 
 def layout_slice(dist, name, full):
-    part, local = (dist._smp_route(name) if isinstance(dist, smp.nn.DistributedContainer)
-                   else (dist, name))
+    part, local = dist, name
+    while isinstance(part, smp.nn.DistributedContainer):
+        part, local = part._smp_route(local)
     if part is None:
         return full
     return _C.nn.local_slice(part._smp_layout(local), full, smp.tp_size(), smp.tp_rank())
