@@ -59,7 +59,7 @@ class DistributedModule(torch.nn.Module):
             if dtype is not None or device is not None:
                 value = value.to(dtype=dtype, device=device)
             param = torch.nn.Parameter(value)
-            mark_distribution_axis(param, layout.split_dim if layout.is_split() else None)
+            mark_distribution_axis(param, layout.split_dim)
             self._smp_register(layout.name, param)
 
     def _smp_register(self, name, param):

@@ -140,19 +140,19 @@ class DistributedAttentionLayer(_Sublayer):
         self.hidden_size = int(hidden_size)
         self.cross_attention = bool(cross_attention)
         self.causal_mask_size = None if causal_mask_size is None else int(causal_mask_size)
-        self.pre_layernorm = bool(pre_layernorm)
-        self.post_layernorm = bool(post_layernorm)
+        pre_layernorm = bool(pre_layernorm)
+        post_layernorm = bool(post_layernorm)
         self.attention_in_fp32 = bool(attention_in_fp32)
         # Checks the head split (and the other options) in the engine.
         self._options = _F.transformer_options(
-            self.num_attention_heads, self.attention_head_size, self.pre_layernorm,
-            self.post_layernorm, float(attention_dropout_prob), float(hidden_dropout_prob),
+            self.num_attention_heads, self.attention_head_size, pre_layernorm,
+            post_layernorm, float(attention_dropout_prob), float(hidden_dropout_prob),
             "gelu", float(layernorm_epsilon),
             self.causal_mask_size is not None and not self.cross_attention, False, tp_size())
         self._options.attention_in_fp32 = self.attention_in_fp32
         self.local_attention_heads = self._options.local_heads
         layouts = _layouts(self.num_attention_heads, self.attention_head_size, self.hidden_size, 1,
-                           self.pre_layernorm, self.post_layernorm, float(initializer_range),
+                           pre_layernorm, post_layernorm, float(initializer_range),
                            "attention")
         self._setup(layouts, seed, use_normal_initialization, dtype, device)
 
@@ -190,15 +190,15 @@ class DistributedTransformerOutputLayer(_Sublayer):
         super().__init__()
         self.hidden_size = int(hidden_size)
         self.intermediate_size = int(intermediate_size)
-        self.pre_layernorm = bool(pre_layernorm)
-        self.post_layernorm = bool(post_layernorm)
+        pre_layernorm = bool(pre_layernorm)
+        post_layernorm = bool(post_layernorm)
         self.activation = str(activation)
         self.hidden_dropout_prob = float(hidden_dropout_prob)
         self._options = _F.transformer_options(
-            tp_size(), 1, self.pre_layernorm, self.post_layernorm, 0.0, self.hidden_dropout_prob,
+            tp_size(), 1, pre_layernorm, post_layernorm, 0.0, self.hidden_dropout_prob,
             self.activation, float(layernorm_epsilon), False, False, tp_size())
         layouts = _layouts(tp_size(), 1, self.hidden_size, self.intermediate_size,
-                           self.pre_layernorm, self.post_layernorm, float(initializer_range),
+                           pre_layernorm, post_layernorm, float(initializer_range),
                            "output")
         self._setup(layouts, seed, use_normal_initialization, dtype, device)
 

@@ -25,7 +25,8 @@ V, H = 11, 6
 def close(a, b, what):
     assert a.shape == b.shape, (what, tuple(a.shape), tuple(b.shape))
     err = (a.detach() - b.detach()).abs().max().item() if a.numel() else 0.0
-    assert err <= ATOL, f"{what} differs by {err} on rank {smp.rank()}"
+    scale = b.detach().abs().max().item() if b.numel() else 0.0
+    assert err <= ATOL + 1e-5 * scale, f"{what} differs by {err} on rank {smp.rank()}"
 
 
 # ---- tied weights ----------------------------------------------------------------
@@ -221,6 +222,9 @@ def leaf(t):
 
 
 def perturb(ref):
+    # Same on every rank: dropout in train-mode forwards leaves ranks' torch
+    # generators apart.
+    torch.manual_seed(11)
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -306,6 +310,7 @@ def transformer_case(tp, prescaled):
 
     # The LM head: loss and logits on this rank's rows, parameter gradients.
     vocab, positions = 13, 6
+    torch.manual_seed(5)
     ref = RefLMHead(2, heads, hd, hidden, inter, vocab, positions, True, True)
     perturb(ref)
     lm = smp.nn.DistributedTransformerLMHead(
@@ -361,15 +366,18 @@ def errors_case(tp):
     smp.shutdown()
 
 
-world = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
-rank = 0
-for tp in (1, 2, 4):
-    if world % tp:
-        continue
-    for marking in ("context", "set"):
-        tie_case(tp, marking)
-    for prescaled in (False, True):
-        transformer_case(tp, prescaled)
-    errors_case(tp)
-    rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
-print(f"tp_v1 OK {rank}", flush=True)
+def main():
+    world = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
+    for tp in (1, 2, 4):
+        if world % tp:
+            continue
+        for marking in ("context", "set"):
+            tie_case(tp, marking)
+        for prescaled in (False, True):
+            transformer_case(tp, prescaled)
+        errors_case(tp)
+    print(f"tp_v1 OK {os.environ.get('OMPI_COMM_WORLD_RANK', '0')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
