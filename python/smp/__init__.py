@@ -92,6 +92,9 @@ from smp.tp import (  # noqa: E402
     tp_register,
     tp_register_with_module,
 )
+from smp import utils  # noqa: E402
+from smp.delayed_init import delay_param_initialization  # noqa: E402
+from smp.patches.checkpoint import set_activation_checkpointing  # noqa: E402
 from smp.model import DistributedModel  # noqa: E402
 from smp.optimizer import DistributedOptimizer  # noqa: E402
 from smp import pipeline  # noqa: E402

@@ -185,24 +185,7 @@ class DistributedModel(torch.nn.Module):
     # ---- construction ------------------------------------------------------
 
     def _replace_tp_modules(self):
-        def visit(parent, prefix):
-            for name, child in list(parent._modules.items()):
-                if child is None:
-                    continue
-                if tp.tp_config(child) is not None and not tp.is_dist_module(child):
-                    new = tp.make_distributed(child)
-                    if new is not None:
-                        parent._modules[name] = new
-                        continue
-                if not tp.is_dist_module(child):
-                    visit(child, prefix + name + ".")
-
-        if tp.tp_config(self.module) is not None and not tp.is_dist_module(self.module):
-            new = tp.make_distributed(self.module)
-            if new is not None:
-                self.module = new
-                return
-        visit(self.module, "")
+        self.module = tp.replace_marked(self.module)
 
     def _partition(self):
         """With pp_size() > 1, assigns the module's top-level children to

@@ -21,10 +21,17 @@ inputs of the replacement's forward and ``return_hook(output)`` its output.
 Built-in entries torch.nn.Linear -> smp.nn.DistributedLinear and
 torch.nn.Embedding -> smp.nn.DistributedEmbedding are resolved when first
 needed; a user registration of the same type takes precedence.
+
+As in smp v1, a replacement gets only the marking keywords that its
+from_module / constructor accepts, and a module that shares a parameter with a
+module outside its subtree (a tied LM head) is not distributed (replace_marked).
 """
 
+import collections
 import contextlib
 import functools
+import inspect
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -35,6 +42,10 @@ from smp import _C
 
 _TP_ATTR = "_smp_tp_config"
 _INIT_ARGS_ATTR = "_smp_init_args"
+# Options of smp.set_activation_checkpointing, carried over to a replacement.
+CHECKPOINT_ATTR = "_smp_activation_checkpointing"
+
+logger = logging.getLogger("smp.tp")
 
 
 @dataclass
@@ -192,17 +203,36 @@ def is_dist_module(module):
     return callable(getattr(module, "_smp_shard_specs", None))
 
 
+def accepted_kwargs(fn, kwargs):
+    """The keywords of ``kwargs`` that ``fn`` accepts (every one when fn takes
+    **kwargs): smp v1 hands each replacement only the tensor_parallelism()
+    keywords its constructor knows, so one context can carry options of
+    several module types (``attention_in_fp32`` for transformer layers next to
+    plain Linears)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return dict(kwargs)
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
 def make_distributed(module):
     """The tensor-parallel replacement of ``module`` (a marked module of a
     registered type), built from the module's full weights; None when the type
-    is not registered."""
+    is not registered. Only the marking keywords that the replacement's
+    from_module / constructor accepts are passed on."""
     entry = _entry_for(module)
     if entry is None:
         return None
     tp_kwargs = tp_config(module) or {}
     from_module = getattr(entry.dist_cls, "from_module", None)
     if entry.init_hook is None and from_module is not None:
-        new = from_module(module, **tp_kwargs) if tp_kwargs else from_module(module)
+        kw = accepted_kwargs(from_module, tp_kwargs)
+        kw.pop("module", None)
+        new = from_module(module, **kw)
     else:
         recorded = getattr(module, _INIT_ARGS_ATTR, None)
         if recorded is None:
@@ -214,7 +244,7 @@ def make_distributed(module):
         args, kwargs = recorded
         if entry.init_hook is not None:
             args, kwargs = entry.init_hook(*args, **kwargs)
-        new = entry.dist_cls(*args, **{**kwargs, **tp_kwargs})
+        new = entry.dist_cls(*args, **{**kwargs, **accepted_kwargs(entry.dist_cls, tp_kwargs)})
         # Built where its constructor puts it (the CPU for smp.nn modules):
         # move it to the original module's device, as from_module does.
         first = next(iter(module.parameters()), None)
@@ -234,8 +264,76 @@ def make_distributed(module):
             return entry.return_hook(out) if entry.return_hook is not None else out
 
         new.forward = forward
+    checkpointing = getattr(module, CHECKPOINT_ATTR, None)
+    if checkpointing is not None:
+        from smp.patches.checkpoint import set_activation_checkpointing  # noqa: PLC0415
+
+        set_activation_checkpointing(new, **checkpointing)
     new.train(module.training)
     return new
+
+
+def _shared_param(module, counts):
+    """The name of a parameter of ``module`` that a module outside its subtree
+    also holds (a tied output layer and input embedding: GPT-2's lm_head.weight
+    is wte.weight), or None. ``counts``: {id(param): occurrences in the root}."""
+    params = list(module.named_parameters(remove_duplicate=False))
+    inside = collections.Counter(id(p) for _, p in params)
+    for name, p in params:
+        if inside[id(p)] < counts[id(p)]:
+            return name
+    return None
+
+
+_tie_logged = set()
+
+
+def replace_marked(root):
+    """Replaces, in place, the outermost marked modules of registered types
+    under ``root`` (root included) by their tensor-parallel versions; returns
+    the new root (``root`` itself unless root was replaced).
+
+    As in smp v1, a module that shares a parameter with a module outside its
+    own subtree is not distributed (slicing it would untie the two, and they
+    would train apart): it stays as it is, and this is logged once per module
+    path. Its submodules are not distributed either."""
+    counts = collections.Counter(
+        id(p) for _, p in root.named_parameters(remove_duplicate=False))
+
+    def replace(module, path):
+        if tp_config(module) is None or is_dist_module(module) or _entry_for(module) is None:
+            return None
+        shared = _shared_param(module, counts)
+        if shared is not None:
+            key = (path, type(module).__name__)
+            if key not in _tie_logged:
+                _tie_logged.add(key)
+                logger.warning(
+                    "smp: %s (%s) shares parameter '%s' with another module, so it is not "
+                    "distributed (tensor parallelism keeps tied weights replicated, as smp v1 "
+                    "does)", path or "the model", type(module).__name__, shared)
+            return module
+        return make_distributed(module)
+
+    def visit(parent, prefix):
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            path = prefix + name
+            new = replace(child, path)
+            if new is child:
+                continue
+            if new is not None:
+                parent._modules[name] = new
+                continue
+            if not is_dist_module(child):
+                visit(child, path + ".")
+
+    new = replace(root, "")
+    if new is not None:
+        return new
+    visit(root, "")
+    return root
 
 
 def full_param_names(dist_module):

@@ -18,6 +18,17 @@
 namespace py = pybind11;
 
 namespace smp::python {
+namespace {
+
+/// A ParamGetter over a name -> tensor map (undefined for absent names).
+smp::nn::ParamGetter getter(const std::map<std::string, at::Tensor>& params) {
+  return [&params](const std::string& name) {
+    auto it = params.find(name);
+    return it == params.end() ? at::Tensor() : it->second;
+  };
+}
+
+}  // namespace
 
 void bind_nn(py::module_& root) {
   py::module_ m = root.def_submodule("nn", "Tensor-parallel functions and layers (smp.nn).");
@@ -159,13 +170,14 @@ void bind_nn(py::module_& root) {
       "embedding_forward",
       [](const at::Tensor& ids, const at::Tensor& weight, std::int64_t full_dim,
          std::int64_t offset, bool vocab_parallel, std::optional<std::int64_t> padding_idx,
-         bool prescaled_batch) {
+         bool prescaled_batch, std::int64_t num_embeddings) {
         py::gil_scoped_release release;
         return embedding_forward(ids, weight, full_dim, offset, vocab_parallel, padding_idx,
-                                 prescaled_batch);
+                                 prescaled_batch, num_embeddings);
       },
       py::arg("ids"), py::arg("weight"), py::arg("full_dim"), py::arg("offset"),
-      py::arg("vocab_parallel"), py::arg("padding_idx"), py::arg("prescaled_batch"));
+      py::arg("vocab_parallel"), py::arg("padding_idx"), py::arg("prescaled_batch"),
+      py::arg("num_embeddings") = -1);
 
   py::class_<TransformerOptions>(m, "TransformerOptions")
       .def_readwrite("local_heads", &TransformerOptions::local_heads)
@@ -178,7 +190,8 @@ void bind_nn(py::module_& root) {
       .def_readwrite("post_layernorm", &TransformerOptions::post_layernorm)
       .def_readwrite("causal", &TransformerOptions::causal)
       .def_readwrite("training", &TransformerOptions::training)
-      .def_readwrite("prescaled_batch", &TransformerOptions::prescaled_batch);
+      .def_readwrite("prescaled_batch", &TransformerOptions::prescaled_batch)
+      .def_readwrite("attention_in_fp32", &TransformerOptions::attention_in_fp32);
   m.def(
       "transformer_options",
       [](std::int64_t heads, std::int64_t head_size, bool pre, bool post, double attention_dropout,
@@ -202,17 +215,47 @@ void bind_nn(py::module_& root) {
       [](const at::Tensor& x, std::optional<at::Tensor> mask,
          const std::map<std::string, at::Tensor>& params, const TransformerOptions& options) {
         py::gil_scoped_release release;
-        const TransformerWeights w = transformer_weights(
-            [&](const std::string& name) {
-              auto it = params.find(name);
-              return it == params.end() ? at::Tensor() : it->second;
-            },
-            options.pre_layernorm, options.post_layernorm);
+        const TransformerWeights w =
+            transformer_weights(getter(params), options.pre_layernorm, options.post_layernorm);
         return transformer_layer_forward(x, mask, w, options);
       },
       py::arg("x"), py::arg("attention_mask"), py::arg("params"), py::arg("options"),
       "One transformer layer; `params` maps this rank's parameter names (transformer_layout) "
       "to tensors.");
+  m.def(
+      "attention_forward",
+      [](const at::Tensor& x, std::optional<at::Tensor> cross_states,
+         std::optional<at::Tensor> mask, const std::map<std::string, at::Tensor>& params,
+         const TransformerOptions& options) {
+        py::gil_scoped_release release;
+        const AttentionWeights w =
+            attention_weights(getter(params), "", options.pre_layernorm, options.post_layernorm);
+        return attention_forward(x, cross_states, mask, w, options);
+      },
+      py::arg("x"), py::arg("cross_states"), py::arg("attention_mask"), py::arg("params"),
+      py::arg("options"),
+      "One attention sublayer; `params` maps this rank's parameter names (query.weight, ...) "
+      "to tensors; cross_states None for self-attention.");
+  m.def(
+      "mlp_forward",
+      [](const at::Tensor& x, const std::map<std::string, at::Tensor>& params,
+         const TransformerOptions& options) {
+        py::gil_scoped_release release;
+        const MlpWeights w =
+            mlp_weights(getter(params), "", options.pre_layernorm, options.post_layernorm);
+        return mlp_forward(x, w, options);
+      },
+      py::arg("x"), py::arg("params"), py::arg("options"),
+      "One MLP sublayer; `params` maps this rank's parameter names (dense1.weight, ...) to "
+      "tensors.");
+  m.def(
+      "replicated_dropout",
+      [](const at::Tensor& t, double p, bool training, bool prescaled_batch) {
+        py::gil_scoped_release release;
+        return replicated_dropout(t, p, training, prescaled_batch);
+      },
+      py::arg("t"), py::arg("p"), py::arg("training"), py::arg("prescaled_batch"),
+      "Dropout whose mask tp rank 0 draws and broadcasts when prescaled_batch is on.");
 }
 
 }  // namespace smp::python

@@ -108,7 +108,7 @@ at::Tensor DistributedEmbeddingImpl::forward(const at::Tensor& ids) {
       options_.vocab_parallel ? options_.num_embeddings : options_.embedding_dim;
   return embedding_forward(ids, local("weight"), options_.embedding_dim,
                            split_offset(total, tp_size(), tp_rank()), options_.vocab_parallel,
-                           options_.padding_idx, prescaled_batch_);
+                           options_.padding_idx, prescaled_batch_, options_.num_embeddings);
 }
 
 TransformerOptions transformer_options(const TransformerConfig& config, double attention_dropout,

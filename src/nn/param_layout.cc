@@ -95,12 +95,14 @@ std::vector<ParamLayout> transformer_layout(const TransformerConfig& c) {
   }
   out.push_back(make("attention.dense.weight", {h, a}, 1, -1, w));
   out.push_back(make("attention.dense.bias", {h}, -1, 0, zeros()));
+  // As smp v1: with both options the attention sublayer has no post
+  // LayerNorm (the layer is pre-LN, plus one LayerNorm at its output).
   auto layernorms = [&](const std::string& sub) {
     if (c.pre_layernorm) {
       out.push_back(make(sub + ".pre_layernorm.weight", {h}, -1, -1, ones()));
       out.push_back(make(sub + ".pre_layernorm.bias", {h}, -1, -1, zeros()));
     }
-    if (c.post_layernorm) {
+    if (c.post_layernorm && (sub == "output" || !c.pre_layernorm)) {
       out.push_back(make(sub + ".layernorm.weight", {h}, -1, -1, ones()));
       out.push_back(make(sub + ".layernorm.bias", {h}, -1, -1, zeros()));
     }

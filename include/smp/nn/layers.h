@@ -24,37 +24,61 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight_shard,
 /// dim_shard] holds columns at dim_offset of the embedding dimension;
 /// vocab_parallel=true: weight [vocab_shard, dim] holds rows at vocab_offset.
 /// ids: integer tensor of any shape; returns [*ids.shape, dim].
+/// num_embeddings: the full vocabulary; every id of the TP group's rows must
+/// be in [0, num_embeddings), else ConfigError naming the id (on every member,
+/// since each checks the same gathered ids). -1: the weight's rows when not
+/// vocab_parallel.
 at::Tensor embedding_forward(const at::Tensor& ids, const at::Tensor& weight_shard,
                              std::int64_t full_dim, std::int64_t offset, bool vocab_parallel,
-                             std::optional<std::int64_t> padding_idx, bool prescaled_batch);
+                             std::optional<std::int64_t> padding_idx, bool prescaled_batch,
+                             std::int64_t num_embeddings = -1);
 
-/// Weights of one transformer layer on this rank. Q/K/V and fc1 are split by
-/// output (heads / intermediate units of this rank), attention output and fc2
-/// by input; their biases: q/k/v/fc1 biases split with the weights, out/fc2
-/// biases on tp_rank 0 only. LayerNorms are replicated: ln1/ln2 after the
-/// residual adds (post_layernorm), pre_ln1/pre_ln2 at the sublayers' inputs
-/// (pre_layernorm); undefined when that option is off.
-struct TransformerWeights {
-  at::Tensor qkv_weight;  ///< [3 * local_heads * head_size, hidden] (q rows, then k, then v)
-  at::Tensor qkv_bias;    ///< [3 * local_heads * head_size]
-  at::Tensor out_weight;  ///< [hidden, local_heads * head_size]
-  std::optional<at::Tensor> out_bias;  ///< [hidden], tp_rank 0
-  at::Tensor ln1_weight, ln1_bias;     ///< [hidden]
-  at::Tensor fc1_weight;  ///< [local_intermediate, hidden]
-  at::Tensor fc1_bias;    ///< [local_intermediate]
-  at::Tensor fc2_weight;  ///< [hidden, local_intermediate]
-  std::optional<at::Tensor> fc2_bias;  ///< [hidden], tp_rank 0
-  at::Tensor ln2_weight, ln2_bias;     ///< [hidden]
-  at::Tensor pre_ln1_weight, pre_ln1_bias;  ///< [hidden]
-  at::Tensor pre_ln2_weight, pre_ln2_bias;  ///< [hidden]
+/// Weights of one attention sublayer on this rank (smp.nn.DistributedAttentionLayer,
+/// the `attention.` half of a transformer layer). Query/key/value are split by
+/// output (this rank's heads), `dense` by input; q/k/v biases split with their
+/// weights, the dense bias on tp_rank 0 only. LayerNorms are replicated;
+/// undefined when the option is off.
+struct AttentionWeights {
+  at::Tensor query_weight, query_bias;  ///< [local_heads * head_size, hidden], [..]
+  at::Tensor key_weight, key_bias;
+  at::Tensor value_weight, value_bias;
+  at::Tensor dense_weight;              ///< [hidden, local_heads * head_size]
+  std::optional<at::Tensor> dense_bias;  ///< [hidden], tp_rank 0
+  at::Tensor pre_ln_weight, pre_ln_bias;  ///< [hidden] (pre_layernorm)
+  at::Tensor ln_weight, ln_bias;          ///< [hidden] (post_layernorm)
 };
 
-/// TransformerWeights from a module's local parameters named as
-/// transformer_layout (smp/nn/param_layout.h) names them; `get` returns an
-/// undefined tensor for a name this rank does not hold. Q, K and V are
-/// concatenated (differentiably) into qkv.
-TransformerWeights transformer_weights(const std::function<at::Tensor(const std::string&)>& get,
-                                       bool pre_layernorm, bool post_layernorm);
+/// Weights of one MLP sublayer on this rank (smp.nn.DistributedTransformerOutputLayer,
+/// the `output.` half): dense1 split by output (intermediate units), dense2 by
+/// input, the dense2 bias on tp_rank 0 only.
+struct MlpWeights {
+  at::Tensor dense1_weight, dense1_bias;  ///< [local_intermediate, hidden], [..]
+  at::Tensor dense2_weight;               ///< [hidden, local_intermediate]
+  std::optional<at::Tensor> dense2_bias;  ///< [hidden], tp_rank 0
+  at::Tensor pre_ln_weight, pre_ln_bias;  ///< [hidden] (pre_layernorm)
+  at::Tensor ln_weight, ln_bias;          ///< [hidden] (post_layernorm)
+};
+
+/// One transformer layer: its attention sublayer, then its MLP sublayer.
+struct TransformerWeights {
+  AttentionWeights attention;
+  MlpWeights mlp;
+};
+
+using ParamGetter = std::function<at::Tensor(const std::string&)>;
+
+/// The weights from a module's local parameters, named as transformer_layout
+/// (smp/nn/param_layout.h) names them after `prefix` ("query.weight" ...);
+/// `get` returns an undefined tensor for a name this rank does not hold.
+/// Throws ConfigError naming a missing parameter.
+AttentionWeights attention_weights(const ParamGetter& get, const std::string& prefix,
+                                   bool pre_layernorm, bool post_layernorm);
+MlpWeights mlp_weights(const ParamGetter& get, const std::string& prefix, bool pre_layernorm,
+                       bool post_layernorm);
+/// A layer's weights: `attention.` and `output.` sublayers; with both
+/// LayerNorm options the attention sublayer has no post LayerNorm (smp v1).
+TransformerWeights transformer_weights(const ParamGetter& get, bool pre_layernorm,
+                                       bool post_layernorm);
 
 struct TransformerOptions {
   std::int64_t local_heads = 1;
@@ -63,25 +87,47 @@ struct TransformerOptions {
   double hidden_dropout = 0.0;
   std::string activation = "gelu";  ///< "gelu" | "relu"
   double layernorm_epsilon = 1e-5;
-  /// y = x + sublayer(LN(x)) (GPT style); with post_layernorm too, the
-  /// post LayerNorm is applied to that sum.
+  /// y = x + sublayer(LN(x)) (GPT style); with post_layernorm too, the post
+  /// LayerNorm is applied to that sum, except that in a whole layer (as in
+  /// smp v1) only the MLP sublayer's sum gets it (the layer's output).
   bool pre_layernorm = false;
   /// y = LN(x + sublayer(x)) (BERT style).
   bool post_layernorm = true;
-  bool causal = false;
-  bool training = false;  ///< dropout on
+  bool causal = false;      ///< self-attention only
+  bool training = false;    ///< dropout on
   bool prescaled_batch = false;
+  /// Attention scores and softmax in float32 (for fp16/bf16 inputs).
+  bool attention_in_fp32 = false;
 };
 
-/// x: [batch, seq, hidden]; attention_mask: optional additive float mask
-/// broadcastable to [batch, 1, seq, seq] (0 keep, large negative drop) for
-/// this rank's batch (dimension 1 may be the number of heads only when
-/// tp_size is 1). Every member of TP_GROUP passes a mask or none does.
-/// prescaled_batch off: the attention and MLP blocks each gather the TP
-/// group's batches at their input and reduce-scatter them back at their
-/// output; residual adds, LayerNorms and hidden dropout run on this rank's
-/// rows only. prescaled_batch on: the group shares the batch; hidden dropout
-/// masks are drawn on tp rank 0 and broadcast so that the replicas agree.
+/// Dropout of rows that every member of TP_GROUP holds alike when
+/// prescaled_batch is on: the mask is drawn on tp rank 0 and broadcast, so
+/// the replicas stay equal; otherwise plain dropout. Identity when not training.
+at::Tensor replicated_dropout(const at::Tensor& t, double p, bool training, bool prescaled_batch);
+
+/// The attention sublayer: LN (pre) -> attention of this rank's heads over the
+/// TP group's rows -> dense -> dropout -> x + that -> LN (post).
+/// x: [batch, seq, hidden] (this rank's batch; the group's shared batch with
+/// prescaled_batch); cross_states: [batch, seq_k, hidden] for cross-attention
+/// (keys and values from them, no causal mask), or none for self-attention;
+/// attention_mask: optional additive float mask broadcastable to
+/// [batch, 1, seq, seq_k] (0 keep, large negative drop) for this rank's batch
+/// (dimension 1 may be the number of heads only when tp_size is 1). Every
+/// member of TP_GROUP passes a mask (and cross states) or none does.
+/// prescaled_batch off: the TP group's batches are gathered at the input and
+/// reduce-scattered back at the output; residual add, LayerNorms and hidden
+/// dropout run on this rank's rows only. prescaled_batch on: the group shares
+/// the batch (see replicated_dropout).
+at::Tensor attention_forward(const at::Tensor& x, const std::optional<at::Tensor>& cross_states,
+                             const std::optional<at::Tensor>& attention_mask,
+                             const AttentionWeights& w, const TransformerOptions& options);
+
+/// The MLP sublayer: LN (pre) -> dense1 -> activation -> dense2 -> dropout ->
+/// x + that -> LN (post); batches as attention_forward. x: [batch, ..., hidden].
+at::Tensor mlp_forward(const at::Tensor& x, const MlpWeights& w, const TransformerOptions& options);
+
+/// One transformer layer: attention_forward (without its post LayerNorm when
+/// pre_layernorm is on too) then mlp_forward. x: [batch, seq, hidden].
 at::Tensor transformer_layer_forward(const at::Tensor& x,
                                      const std::optional<at::Tensor>& attention_mask,
                                      const TransformerWeights& w, const TransformerOptions& options);

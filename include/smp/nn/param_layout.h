@@ -83,7 +83,8 @@ struct TransformerConfig {
 /// attention.dense.weight (split dim 1), attention.dense.bias (tp rank 0),
 /// output.dense1.{weight,bias} (split dim 0), output.dense2.weight (split dim 1),
 /// output.dense2.bias (tp rank 0), and per sublayer {attention,output}.pre_layernorm.*
-/// (pre_layernorm) and {attention,output}.layernorm.* (post_layernorm), replicated.
+/// (pre_layernorm) and {attention,output}.layernorm.* (post_layernorm; with both
+/// options output.layernorm only, as smp v1), replicated.
 /// Throws ConfigError when neither layernorm is on or a size is not positive.
 std::vector<ParamLayout> transformer_layout(const TransformerConfig& config);
 

@@ -6,21 +6,39 @@
     emb = smp.nn.DistributedEmbedding(50000, 1024, vocab_parallel=True)
     layer = smp.nn.DistributedTransformerLayer(num_attention_heads=16, attention_head_size=64,
                                                hidden_size=1024, intermediate_size=4096)
+    lm = smp.nn.DistributedTransformerLMHead(num_layers=12, num_attention_heads=12,
+                                             attention_head_size=64, hidden_size=768,
+                                             intermediate_size=3072, vocab_size=50257,
+                                             pre_layernorm=True, post_layernorm=True,
+                                             causal_mask_size=1024)
 
 The communicating autograd functions the modules are built on are in
 smp.nn.functional.
 """
 
 from smp.nn import functional
-from smp.nn.base import DistributedModule
+from smp.nn.base import DistributedContainer, DistributedModule
 from smp.nn.embedding import DistributedEmbedding
+from smp.nn.layer_norm import FusedLayerNorm
 from smp.nn.linear import DistributedLinear
-from smp.nn.transformer import DistributedTransformerLayer
+from smp.nn.transformer import (
+    DistributedAttentionLayer,
+    DistributedTransformer,
+    DistributedTransformerLayer,
+    DistributedTransformerLMHead,
+    DistributedTransformerOutputLayer,
+)
 
 __all__ = [
     "DistributedModule",
+    "DistributedContainer",
     "DistributedLinear",
     "DistributedEmbedding",
     "DistributedTransformerLayer",
+    "DistributedAttentionLayer",
+    "DistributedTransformerOutputLayer",
+    "DistributedTransformer",
+    "DistributedTransformerLMHead",
+    "FusedLayerNorm",
     "functional",
 ]

@@ -12,6 +12,7 @@ import torch
 
 from smp import _C
 from smp._runtime import config, tp_rank, tp_size
+from smp.utils import mark_distribution_axis
 
 
 def _require_init(cls_name):
@@ -57,7 +58,9 @@ class DistributedModule(torch.nn.Module):
         for layout, value in zip(held, values):
             if dtype is not None or device is not None:
                 value = value.to(dtype=dtype, device=device)
-            self._smp_register(layout.name, torch.nn.Parameter(value))
+            param = torch.nn.Parameter(value)
+            mark_distribution_axis(param, layout.split_dim)
+            self._smp_register(layout.name, param)
 
     def _smp_register(self, name, param):
         owner = self
@@ -125,3 +128,75 @@ class DistributedModule(torch.nn.Module):
         like = local if local is not None else next(self.parameters())
         with torch.no_grad():
             return _C.nn.gather_full(layout, None if local is None else local.detach(), like)
+
+
+class DistributedContainer(DistributedModule):
+    """A tensor-parallel module built from other modules (smp.nn.DistributedTransformer,
+    DistributedTransformerLMHead): its tensor-parallel submodules (the outermost
+    ones) answer for their parameters, every other parameter is a replica on
+    each tp rank. Parameters shared between submodules (a tied LM head) appear
+    under each of their names in the full parameter names, as in a state dict."""
+
+    def _smp_parts(self):
+        """{prefix: outermost tensor-parallel submodule} (prefix ends with '.')."""
+        parts = {}
+        for name, m in self.named_modules():
+            if m is self or not callable(getattr(m, "_smp_shard_specs", None)):
+                continue
+            if any(name.startswith(p) for p in parts):
+                continue
+            parts[name + "."] = m
+        return parts
+
+    def _smp_route(self, name):
+        for prefix, part in self._smp_parts().items():
+            if name.startswith(prefix):
+                return part, name[len(prefix):]
+        return None, name
+
+    def _smp_plain(self, remove_duplicate=True):
+        parts = tuple(self._smp_parts())
+        return [(n, p) for n, p in self.named_parameters(remove_duplicate=remove_duplicate)
+                if not n.startswith(parts)]
+
+    def _smp_shard_specs(self):
+        out = {}
+        for prefix, part in self._smp_parts().items():
+            out.update({prefix + n: s for n, s in part._smp_shard_specs().items()})
+        for n, p in self._smp_plain():
+            out[n] = {"split_dim": None, "global_shape": tuple(p.shape), "distributed": False}
+        return out
+
+    def _smp_full_param_names(self):
+        out = {}
+        for prefix, part in self._smp_parts().items():
+            out.update({prefix + n: s for n, s in part._smp_full_param_names().items()})
+        for n, p in self._smp_plain(remove_duplicate=False):
+            out[n] = {"global_shape": tuple(p.shape), "split_dim": None, "holder": None}
+        return out
+
+    def _smp_plain_param(self, name):
+        for n, p in self._smp_plain(remove_duplicate=False):
+            if n == name:
+                return p
+        raise _C.ConfigError(
+            f"{type(self).__name__} has no parameter '{name}'; its parameters are: "
+            + ", ".join(self._smp_full_param_names()))
+
+    def _smp_load_full(self, name, full):
+        part, local = self._smp_route(name)
+        if part is not None:
+            return part._smp_load_full(local, full)
+        p = self._smp_plain_param(name)
+        if tuple(full.shape) != tuple(p.shape):
+            raise _C.ConfigError(
+                f"{type(self).__name__}._smp_load_full('{name}') on tp rank {tp_rank()}: "
+                f"expected the full parameter of shape {tuple(p.shape)}, got {tuple(full.shape)}")
+        with torch.no_grad():
+            p.copy_(full.detach())
+
+    def _smp_gather_full(self, name):
+        part, local = self._smp_route(name)
+        if part is not None:
+            return part._smp_gather_full(local)
+        return self._smp_plain_param(name).detach().clone()

@@ -48,7 +48,7 @@ class DistributedEmbedding(DistributedModule):
     def forward(self, ids):
         return _C.nn.embedding_forward(
             ids, self.weight, self.embedding_dim, self._offset, self.vocab_parallel,
-            self.padding_idx, self._smp_prescaled_batch,
+            self.padding_idx, self._smp_prescaled_batch, self.num_embeddings,
         )
 
     @classmethod

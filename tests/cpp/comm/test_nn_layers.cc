@@ -318,7 +318,7 @@ at::Tensor reference_transformer(const at::Tensor& x, const std::optional<at::Te
   if (mask) scores = scores + *mask;
   at::Tensor ctx = at::matmul(at::softmax(scores, -1), v).transpose(1, 2).reshape({b, s, heads * hd});
   at::Tensor r1 = x + lin(ctx, "attention.dense");
-  if (post) r1 = ln(r1, "attention.layernorm");
+  if (post && !pre) r1 = ln(r1, "attention.layernorm");  // smp v1: pre + post, output LN only
   in = pre ? ln(r1, "output.pre_layernorm") : r1;
   at::Tensor out = r1 + lin(at::gelu(lin(in, "output.dense1")), "output.dense2");
   if (post) out = ln(out, "output.layernorm");

@@ -33,7 +33,8 @@ class TransformerReference(torch.nn.Module):
         for sub in (self.attention, self.output):
             if pre:
                 sub.pre_layernorm = torch.nn.LayerNorm(hidden, eps=1e-5)
-            if post:
+            # smp v1: with pre and post, only the output sublayer has a post LayerNorm.
+            if post and (sub is self.output or not pre):
                 sub.layernorm = torch.nn.LayerNorm(hidden, eps=1e-5)
 
     def forward(self, x, mask=None):
@@ -49,7 +50,7 @@ class TransformerReference(torch.nn.Module):
             scores = scores + mask
         ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1)
         r1 = x + at.dense(ctx)
-        if self.post:
+        if self.post and not self.pre:
             r1 = at.layernorm(r1)
         out = self.output
         h = out.pre_layernorm(r1) if self.pre else r1
