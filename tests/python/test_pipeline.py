@@ -370,3 +370,67 @@ def test_tensors_outside_every_stage_are_refused():
     naming each tensor."""
     out = run_mpi_code(2, _ORPHANS).stdout
     assert ok_ranks(out, "orphans") == [0, 1], out
+
+
+def test_distributed_model_v1_arguments_and_hooks(smp_single):
+    """smp v1's constructor arguments (accepted, validated; the ones that act
+    change the gradients as v1 documents) and the post-partition / post-step
+    hooks' timing and arguments, in one process (pp 1)."""
+    smp = smp_single
+    smp.init({"microbatches": 2})
+    x, y = torch.randn(4, 5), torch.randn(4, 2)
+
+    @smp.step
+    def train_step(model, x, y):
+        loss = F.mse_loss(model(x), y)
+        model.backward(loss)
+        return loss
+
+    with pytest.raises(smp.ConfigError, match=r"unknown keyword argument\(s\) \['trace'\]; smp "
+                       r"v1's arguments are trace_device, trace_execution_times"):
+        smp.DistributedModel(_model(), trace=True)
+    with pytest.raises(smp.ConfigError, match="trace_device must be 'cpu' or 'gpu', got 'tpu'"):
+        smp.DistributedModel(_model(), trace_device="tpu")
+    with pytest.raises(smp.ConfigError, match="backward_passes_per_step must be an int >= 1, "
+                       "got 0"):
+        smp.DistributedModel(_model(), backward_passes_per_step=0)
+    with pytest.raises(smp.ConfigError, match="overlapping_allreduce must be True or False"):
+        smp.DistributedModel(_model(), overlapping_allreduce="yes")
+
+    # average_grads_across_microbatches=False: gradients summed over microbatches.
+    model = smp.DistributedModel(_model(), trace_device="cpu", trace_execution_times=True,
+                                 trace_memory_usage=True, overlapping_allreduce=False,
+                                 average_grads_across_microbatches=False, bucket_cap_mb=1,
+                                 find_unused_parameters=True, broadcast_buffers=False,
+                                 gradient_as_bucket_view=True)
+    assert model.partitioned and model.get_module() is model.module  # pp 1, no ddp
+    calls = []
+    model.register_post_partition_hook(lambda m, o: calls.append(("partition", m, o)))
+    handle = model.register_post_step_hook(lambda m, o: calls.append(("never", m, o)))
+    handle.remove()
+    model.register_post_step_hook(lambda m, o: calls.append(("step", m, o)))
+    assert calls == []  # no optimizer yet: they wait for the first step
+    opt = smp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    train_step(model, x, y)
+    assert calls == [("partition", model, opt), ("step", model, opt)], calls
+    ref = _model()
+    (F.mse_loss(ref(x[:2]), y[:2]) + F.mse_loss(ref(x[2:]), y[2:])).backward()
+    for p, q in zip(model.get_module().parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=0)
+    train_step(model, x, y)
+    assert len(calls) == 2  # once each
+    model.register_post_partition_hook(lambda m, o: calls.append(("late", m, o)))
+    assert calls[-1] == ("late", model, opt)
+    smp.shutdown()
+
+    # backward_passes_per_step=2 with smp.step: two steps accumulate.
+    smp.init({"microbatches": 2})
+    model = smp.DistributedModel(_model(), backward_passes_per_step=2)
+    for _ in range(2):
+        train_step(model, x, y)
+    ref = _model()
+    for _ in range(2):
+        F.mse_loss(ref(x), y).backward()
+    for p, q in zip(model.get_module().parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=0)
+    smp.shutdown()
