@@ -110,7 +110,3 @@ def check_close(what, got, expected):
             f"{what}: smp {got_t.flatten()[:6].tolist()} (shape {tuple(got_t.shape)}) != plain "
             f"PyTorch {exp_t.flatten()[:6].tolist()} (shape {tuple(exp_t.shape)})")
 
-
-def layout():
-    return (f"pp{smp.pp_size()} tp{smp.tp_size()} rdp{smp.rdp_size()} "
-            f"mb{smp.num_microbatches() if hasattr(smp, 'num_microbatches') else '?'}")
