@@ -22,6 +22,16 @@ What the wrapper does, in order:
 4. with pp_size() > 1, releases the storage of the parameters and buffers of the
    other pipeline stages' modules (see below).
 
+Steps 3 and 4 happen when the model is partitioned: at construction with
+pp_size() == 1; with pp_size() > 1 at the first smp.step, or earlier at the
+first call that needs the stage assignment (local_*(), state dicts,
+DistributedOptimizer, .to(), checkpoints), so that smp.set_partition after
+wrapping takes effect (smp v1 partitions at the first step). Post-partition and
+post-step hooks get (model, optimizer) with v1's timing (docs/pipeline.md).
+With "ddp": True, ``model.module`` is a DataParallelModule holding the user's
+module (v1's DistributedDataParallel position); ``get_module()`` is the user's
+module either way, and every name (state dicts, param_spec) is relative to it.
+
 Pipeline parallelism and devices. With pp_size() > 1 the module's top-level
 children are assigned to stages (smp.pipeline.PipelineModule) and each rank
 keeps only its own stage's tensors: after wrapping, every parameter and buffer
@@ -53,11 +63,10 @@ stepping (the gradients in .grad are the local ones until then). Data sharding
 is the user's DataLoader's job: shard by dp_rank()/dp_size(), or by
 rdp_rank()/rdp_size() with prescaled_batch.
 
-Keyword arguments of smp v1 without a meaning here are accepted and ignored:
-trace_device, trace_execution_times, trace_memory_usage, gradient_as_bucket_view,
-broadcast_buffers (buffers are broadcast once at wrapping), find_unused_parameters
-(unused parameters always count as zero gradients), average_grads_across_microbatches
-(gradients are always averaged), overlapping_allreduce (always on).
+smp v1's keyword arguments are all accepted; what each does here is in
+docs/api.md ("DistributedModel constructor arguments"): backward_passes_per_step,
+average_grads_across_microbatches and bucket_cap_mb act, the others have no
+effect.
 """
 
 import collections
@@ -83,6 +92,12 @@ def _reset():
 def current_model():
     """This process's DistributedModel, or None."""
     return _current() if _current is not None else None
+
+
+def _current_optimizer():
+    from smp import optimizer
+
+    return optimizer.current_optimizer()
 
 
 def _broadcast_from_rank0(module):
@@ -124,25 +139,45 @@ def _state_entries(module, prefix=""):
     return out
 
 
+class DataParallelModule(torch.nn.Module):
+    """What ``DistributedModel.module`` is with ``"ddp": True``: the layer that
+    holds the user's module as ``.module``, where smp v1 puts its
+    DistributedDataParallel wrapper (so ``model.module.module`` is the user's
+    model there, as in v1). Gradient averaging is DistributedModel's; this
+    layer only forwards."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+# smp v1's DistributedModel keyword arguments and what each does here
+# (docs/api.md, "DistributedModel constructor arguments").
+_V1_ARGUMENTS = ("trace_device", "trace_execution_times", "trace_memory_usage",
+                 "overlapping_allreduce", "backward_passes_per_step",
+                 "average_grads_across_microbatches", "bucket_cap_mb", "find_unused_parameters",
+                 "broadcast_buffers", "gradient_as_bucket_view")
+
+
 class DistributedModel(torch.nn.Module):
     """Wraps ``module`` for smp (see the module docstring). One per process;
     needs smp.init()."""
 
     def __init__(self, module, trace_device="gpu", trace_execution_times=False,
-                 trace_memory_usage=False, backward_passes_per_step=1,
-                 average_grads_across_microbatches=True, gradient_as_bucket_view=False,
-                 broadcast_buffers=True, find_unused_parameters=False,
-                 overlapping_allreduce=True, bucket_cap_mb=25, **kwargs):
+                 trace_memory_usage=False, overlapping_allreduce=True,
+                 backward_passes_per_step=1, average_grads_across_microbatches=True,
+                 bucket_cap_mb=25, find_unused_parameters=False, broadcast_buffers=True,
+                 gradient_as_bucket_view=False, **kwargs):
         global _current
         if not _C.is_initialized():
             raise _C.StateError("smp.DistributedModel needs smp.init() first")
         if kwargs:
             raise _C.ConfigError(
-                f"smp.DistributedModel: unknown keyword argument(s) {sorted(kwargs)}; accepted: "
-                "trace_device, trace_execution_times, trace_memory_usage, "
-                "backward_passes_per_step, average_grads_across_microbatches, "
-                "gradient_as_bucket_view, broadcast_buffers, find_unused_parameters, "
-                "overlapping_allreduce, bucket_cap_mb")
+                f"smp.DistributedModel: unknown keyword argument(s) {sorted(kwargs)}; smp v1's "
+                f"arguments are {', '.join(_V1_ARGUMENTS)}")
         if not isinstance(module, torch.nn.Module):
             raise _C.ConfigError(
                 f"smp.DistributedModel expects a torch.nn.Module, got {type(module).__name__}")
@@ -150,64 +185,148 @@ class DistributedModel(torch.nn.Module):
         if existing is not None:
             raise _C.StateError(
                 f"smp.DistributedModel was already created in this process (rank {_C.rank()}, "
-                f"wrapping a {type(existing.module).__name__}); smp supports one "
+                f"wrapping a {type(existing.get_module()).__name__}); smp supports one "
                 "DistributedModel per process: wrap the whole model once")
-        if int(backward_passes_per_step) < 1:
+        if trace_device not in ("cpu", "gpu"):
             raise _C.ConfigError(
-                f"smp.DistributedModel: backward_passes_per_step must be >= 1, got "
-                f"{backward_passes_per_step}")
+                f"smp.DistributedModel: trace_device must be 'cpu' or 'gpu', got "
+                f"{trace_device!r}")
+        if isinstance(backward_passes_per_step, bool) or \
+                not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
+            raise _C.ConfigError(
+                f"smp.DistributedModel: backward_passes_per_step must be an int >= 1, got "
+                f"{backward_passes_per_step!r}")
+        for name, value in (("trace_execution_times", trace_execution_times),
+                            ("trace_memory_usage", trace_memory_usage),
+                            ("overlapping_allreduce", overlapping_allreduce),
+                            ("average_grads_across_microbatches",
+                             average_grads_across_microbatches),
+                            ("find_unused_parameters", find_unused_parameters),
+                            ("broadcast_buffers", broadcast_buffers),
+                            ("gradient_as_bucket_view", gradient_as_bucket_view)):
+            if not isinstance(value, bool):
+                raise _C.ConfigError(
+                    f"smp.DistributedModel: {name} must be True or False, got {value!r}")
+        if not isinstance(bucket_cap_mb, (int, float)) or bucket_cap_mb <= 0:
+            raise _C.ConfigError(
+                f"smp.DistributedModel: bucket_cap_mb must be a positive number, got "
+                f"{bucket_cap_mb!r}")
         super().__init__()
-        self.module = module
         self.trace_device = trace_device
-        self._backward_passes_per_step = int(backward_passes_per_step)
+        self.trace_execution_times = trace_execution_times
+        self.trace_memory_usage = trace_memory_usage
+        self.overlapping_allreduce = overlapping_allreduce
+        self.backward_passes_per_step = backward_passes_per_step
+        #: Read by the pipeline engine: False back-propagates each microbatch's
+        #: loss unscaled, so gradients are summed over microbatches.
+        self.average_grads_across_microbatches = average_grads_across_microbatches
+        self.find_unused_parameters = find_unused_parameters
+        self.broadcast_buffers = broadcast_buffers
+        self.gradient_as_bucket_view = gradient_as_bucket_view
         self._bucket_bytes = int(bucket_cap_mb * (1 << 20))
         self._backward_calls = 0
         self._hooks_armed = True
         self._finished = True  # no gradients pending averaging
-        self._post_partition_hooks = []
+        self._post_partition_hooks = collections.OrderedDict()
+        self._post_step_hooks = collections.OrderedDict()
         self._partitioned = False
+        self._partitioning = False
+        self._first_step_begun = False
+        self._first_step_done = False
         self._reducer = None
         self._hook_handles = []
-        # The pipeline stage runner (pp_size() > 1); not a registered child, so
-        # parameters keep their names under self.module.
-        object.__setattr__(self, "_pipe", None)
+        self._local_param_names = []
+        self._distributed_ids = set()
+        # The user's module (after tensor-parallel replacement) and, with
+        # pp_size() > 1, the pipeline stage runner: neither is a registered
+        # child, so parameters keep their names under self.module.
+        object.__setattr__(self, "_net", module)
+        object.__setattr__(self, "_pipe_impl", None)
 
         _broadcast_from_rank0(module)
         if _C.tp_size() > 1:
             self._replace_tp_modules()
-        self._partition()
+        self.module = DataParallelModule(self._net) if _C.config()["ddp"] else self._net
         # Specs (global shapes) need every parameter's full tensor: before the release.
         self._build_specs()
-        self._build_reducer()
-        self._release_other_stages()
+        if _C.pp_size() > 1:
+            # Partitioning waits for the first smp.step (or the first call that
+            # needs the stages), so that smp.set_partition after wrapping counts;
+            # what can be checked without the stage assignment fails here.
+            self._check_pipeline_structure()
+        else:
+            self._ensure_partitioned()
         _current = weakref.ref(self)
 
     # ---- construction ------------------------------------------------------
 
+    def get_module(self):
+        """The user's module (with tensor-parallel replacements), below every
+        wrapper layer: ``model.module`` without ddp, ``model.module.module``
+        with it (smp v1's get_module)."""
+        return self._net
+
     def _replace_tp_modules(self):
-        self.module = tp.replace_marked(self.module)
+        object.__setattr__(self, "_net", tp.replace_marked(self._net))
 
-    def _partition(self):
-        """With pp_size() > 1, assigns the module's top-level children to
-        pipeline stages (smp.pipeline.PipelineModule: automatic or manual
-        partitioning); this rank trains only its stage's children. Runs the
-        post-partition hooks."""
-        if _C.pp_size() > 1:
-            from smp.pipeline.module import PipelineModule
+    @property
+    def partitioned(self):
+        """True once the module's stages are assigned (smp v1's property): at
+        construction with pp_size() == 1, else at the first smp.step or the
+        first call that needs the stages (see _ensure_partitioned)."""
+        return self._partitioned
 
-            object.__setattr__(self, "_pipe", PipelineModule(self.module))
-            self._check_every_tensor_has_a_stage()
-        self._partitioned = True
-        for fn in self._post_partition_hooks:
-            fn(self)
+    @property
+    def _pipe(self):
+        """The stage runner with pp_size() > 1 (None otherwise); partitions on
+        first use."""
+        self._ensure_partitioned()
+        return self._pipe_impl
 
-    def _check_every_tensor_has_a_stage(self):
+    @property
+    def _param_names(self):
+        """Names of this stage's parameters, in the model's order."""
+        self._ensure_partitioned()
+        return self._local_param_names
+
+    def _ensure_partitioned(self):
+        """Assigns the module's top-level children to pipeline stages
+        (smp.pipeline.PipelineModule, with the smp.partition/set_partition
+        marks as they are now), builds the gradient reducer over this stage's
+        parameters and releases the other stages' tensors. Runs once: at
+        construction with pp_size() == 1, else at the first smp.step or at the
+        first call that needs to know the stages (local_*(), state dicts,
+        DistributedOptimizer, .to(), checkpoints), whichever comes first."""
+        if self._partitioned or self._partitioning:
+            return
+        self._partitioning = True
+        try:
+            if _C.pp_size() > 1:
+                from smp.pipeline.module import PipelineModule
+
+                object.__setattr__(self, "_pipe_impl", PipelineModule(self._net))
+                self._check_every_tensor_has_a_stage({n for n, _, _ in self._pipe_impl.plan})
+            self._build_reducer()
+            self._release_other_stages()
+            self._partitioned = True
+        finally:
+            self._partitioning = False
+
+    def _check_pipeline_structure(self):
+        """With pp_size() > 1, the checks that do not depend on the stage
+        assignment: the forward is a chain (smp.pipeline.partition.trace_chain)
+        and every parameter and buffer is in a module the chain calls."""
+        from smp.pipeline.partition import trace_chain
+
+        order, _ = trace_chain(self._net)
+        self._check_every_tensor_has_a_stage(set(order))
+
+    def _check_every_tensor_has_a_stage(self, staged):
         """Parameters and persistent buffers outside every stage (the root
         module's own, or those of a top-level module that forward never calls)
         would be neither trained nor saved: refuse them."""
-        staged = {n for n, _, _ in self._pipe.plan}
         # The state dict's keys: every parameter and persistent buffer.
-        orphans = [n for n in self.module.state_dict(keep_vars=True)
+        orphans = [n for n in self._net.state_dict(keep_vars=True)
                    if n.split(".", 1)[0] not in staged]
         if orphans:
             raise _C.NotSupportedError(
@@ -223,14 +342,14 @@ class DistributedModel(torch.nn.Module):
         # A spec without "distributed" counts as distributed: its gradient holds
         # the whole TP group's batches (smp.nn.DistributedModule's convention).
         specs = {}
-        for prefix, m in self.module.named_modules():
+        for prefix, m in self._net.named_modules():
             if tp.is_dist_module(m):
                 for local, spec in m._smp_shard_specs().items():
                     full = f"{prefix}.{local}" if prefix else local
                     specs[full] = (spec.get("split_dim"), tuple(spec["global_shape"]),
                                    bool(spec.get("distributed", True)))
         self._specs = {}
-        for name, p in self.module.named_parameters():
+        for name, p in self._net.named_parameters():
             split, shape, dist = specs.get(name, (None, tuple(p.shape), False))
             self._specs[name] = {"split_dim": split, "global_shape": tuple(shape),
                                  "distributed": dist}
@@ -243,7 +362,7 @@ class DistributedModel(torch.nn.Module):
         self._hook_handles = []
         self._distributed_ids = set()
         params, names, split_dims, shapes, distributed = [], [], [], [], []
-        for name, p in self.module.named_parameters():
+        for name, p in self._net.named_parameters():
             spec = self._specs.get(name)
             if spec is None:
                 raise _C.StateError(
@@ -259,7 +378,7 @@ class DistributedModel(torch.nn.Module):
             split_dims.append(spec["split_dim"])
             shapes.append(list(spec["global_shape"]))
             distributed.append(spec["distributed"])
-        self._param_names = names
+        self._local_param_names = names
         self._params = params
         self._reducer = _C.GradReducer(params, names, split_dims, shapes,
                                        bucket_bytes=self._bucket_bytes, distributed=distributed)
@@ -287,16 +406,17 @@ class DistributedModel(torch.nn.Module):
         the other stages' top-level modules: each keeps its name, dtype, device
         and requires_grad, with an empty (0-element) tensor. Tensors shared with
         this stage's modules are kept."""
-        if self._pipe is None:
+        pipe = self._pipe_impl
+        if pipe is None:
             return
         keep = set()
-        for _, child in self._pipe._local:
+        for _, child in pipe._local:
             keep.update(id(t) for _, t in child.named_parameters(remove_duplicate=False))
             keep.update(id(t) for _, t in child.named_buffers(remove_duplicate=False))
         released = set()
         with torch.no_grad():
-            for _, child, stage in self._pipe.plan:
-                if stage == self._pipe.stage:
+            for _, child, stage in pipe.plan:
+                if stage == pipe.stage:
                     continue
                 tensors = [t for _, t in child.named_parameters(remove_duplicate=False)]
                 tensors += [t for _, t in child.named_buffers(remove_duplicate=False)]
@@ -311,7 +431,9 @@ class DistributedModel(torch.nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # .to() / .cuda() / .half() ...: the released tensors have no bytes to
         # move; the reducer's buckets follow the local parameters' new device
-        # and dtype.
+        # and dtype. Partitions first, so that only this stage's tensors move.
+        if "_net" in self.__dict__:
+            self._ensure_partitioned()
         if self._reducer is not None and not self._finished:
             raise _C.StateError(
                 "smp.DistributedModel: the model was moved or converted (.to(), .cuda(), ...) "
@@ -337,6 +459,7 @@ class DistributedModel(torch.nn.Module):
 
     def _finish_grads(self):
         """Completes gradient averaging if a backward pass left it pending."""
+        self._ensure_partitioned()
         if self._reducer is None:
             raise _C.StateError("smp.DistributedModel: smp was shut down; wrap the model again "
                                 "after smp.init()")
@@ -348,17 +471,18 @@ class DistributedModel(torch.nn.Module):
         """Backward from ``tensor`` (the loss), then averages the gradients over
         the data-parallel ranks; .grad holds the averages on return. With
         backward_passes_per_step=N, gradients accumulate locally over N calls
-        and are averaged on the N-th. Inside an smp.step function it records the
-        microbatch's loss; the step runs the backward passes on the pipeline
-        schedule and averages the gradients after the last one."""
+        (or N steps) and are averaged on the N-th. Inside an smp.step function
+        it records the microbatch's loss; the step runs the backward passes on
+        the pipeline schedule and averages the gradients after the last one."""
         from smp.pipeline import engine
 
         ctx = engine.current_step()
         if ctx is not None:
             ctx.record_backward(tensor, grad_tensors)
             return
+        self._ensure_partitioned()
         self._backward_calls += 1
-        final = self._backward_calls % self._backward_passes_per_step == 0
+        final = self._backward_calls % self.backward_passes_per_step == 0
         self._hooks_armed = final
         try:
             torch.autograd.backward(tensor, grad_tensors)
@@ -377,14 +501,41 @@ class DistributedModel(torch.nn.Module):
 
     # ---- pipeline engine hooks (smp.pipeline.engine) -------------------------
 
+    def _smp_begin_step(self):
+        self._ensure_partitioned()
+        if not self._first_step_begun:
+            self._first_step_begun = True
+            hooks = list(self._post_partition_hooks.values())
+            self._post_partition_hooks.clear()
+            optimizer = _current_optimizer()
+            for fn in hooks:
+                fn(self, optimizer)
+
+    def _smp_end_step(self):
+        if not self._first_step_done:
+            self._first_step_done = True
+            hooks = list(self._post_step_hooks.values())
+            self._post_step_hooks.clear()
+            optimizer = _current_optimizer()
+            for fn in hooks:
+                fn(self, optimizer)
+
+    def _final_pass(self):
+        """Whether the current step's backward ends a backward_passes_per_step group."""
+        return (self._backward_calls + 1) % self.backward_passes_per_step == 0
+
     def _smp_begin_microbatch_backward(self, is_last):
-        # Only the step's last backward produces final gradients to average.
-        self._hooks_armed = bool(is_last)
+        # Only the step's last backward produces final gradients to average,
+        # and only on every backward_passes_per_step-th step.
+        self._hooks_armed = bool(is_last) and self._final_pass()
 
     def _smp_finish_gradients(self):
+        final = self._final_pass()
+        self._backward_calls += 1
         self._hooks_armed = True
-        self._finished = False
-        self._finish_grads()
+        if final:
+            self._finished = False
+            self._finish_grads()
 
     def _smp_stage_device(self):
         for p in self.local_parameters():
@@ -397,19 +548,40 @@ class DistributedModel(torch.nn.Module):
             return True
         return name.split(".", 1)[0] in self._pipe.local_names
 
-    def register_post_partition_hook(self, fn):
-        """``fn(model)`` runs once after partitioning; the model is partitioned
-        at construction today, so it runs at once."""
-        if self._partitioned:
-            fn(self)
-        else:
-            self._post_partition_hooks.append(fn)
+    def register_post_partition_hook(self, hook):
+        """``hook(model, optimizer)`` runs once the model is partitioned, at the
+        first smp.step before its first forward (smp v1), with this process's
+        latest DistributedOptimizer (None if there is none). Called at once when
+        the model is partitioned and an optimizer exists, or when the first step
+        has begun. Returns a torch.utils.hooks.RemovableHandle (None when
+        called at once)."""
+        optimizer = _current_optimizer()
+        if self._first_step_begun or (self._partitioned and optimizer is not None):
+            hook(self, optimizer)
+            return None
+        handle = torch.utils.hooks.RemovableHandle(self._post_partition_hooks)
+        self._post_partition_hooks[handle.id] = hook
+        return handle
+
+    def register_post_step_hook(self, hook):
+        """``hook(model, optimizer)`` runs once, after the first smp.step (smp
+        v1), with this process's latest DistributedOptimizer (None if there is
+        none). Called at once when the model is partitioned and an optimizer
+        exists, or when the first step is over. Returns a
+        torch.utils.hooks.RemovableHandle (None when called at once)."""
+        optimizer = _current_optimizer()
+        if self._first_step_done or (self._partitioned and optimizer is not None):
+            hook(self, optimizer)
+            return None
+        handle = torch.utils.hooks.RemovableHandle(self._post_step_hooks)
+        self._post_step_hooks[handle.id] = hook
+        return handle
 
     def local_parameters(self, recurse=True):
         return (p for _, p in self.local_named_parameters(recurse=recurse))
 
     def local_named_parameters(self, prefix="", recurse=True):
-        return ((prefix + n, p) for n, p in self.module.named_parameters("", recurse)
+        return ((prefix + n, p) for n, p in self._net.named_parameters("", recurse)
                 if self._is_local(n))
 
     def local_modules(self):
@@ -417,19 +589,20 @@ class DistributedModel(torch.nn.Module):
 
     def local_named_modules(self):
         if self._pipe is None:
-            return self.module.named_modules()
-        return ((n, m) for n, m in self.module.named_modules()
+            return self._net.named_modules()
+        return ((n, m) for n, m in self._net.named_modules()
                 if n and self._is_local(n))
 
     def local_buffers(self, recurse=True):
         return (b for _, b in self.local_named_buffers(recurse=recurse))
 
     def local_named_buffers(self, prefix="", recurse=True):
-        return ((prefix + n, b) for n, b in self.module.named_buffers("", recurse)
+        return ((prefix + n, b) for n, b in self._net.named_buffers("", recurse)
                 if self._is_local(n))
 
     def is_distributed_parameter(self, param):
         """True for parameters of tensor-parallel modules (averaged over RDP_GROUP)."""
+        self._ensure_partitioned()
         return id(param) in self._distributed_ids
 
     def param_spec(self, name):
@@ -443,7 +616,7 @@ class DistributedModel(torch.nn.Module):
     def local_state_dict(self, *args, **kwargs):
         """This rank's parameters and buffers under their original names (shards
         for tensor-parallel ones) and ``"_smp_is_partial": True``."""
-        sd = self.module.state_dict(*args, **kwargs)
+        sd = self._net.state_dict(*args, **kwargs)
         if self._pipe is not None:
             sd = collections.OrderedDict((k, v) for k, v in sd.items() if self._is_local(k))
         sd["_smp_is_partial"] = True
@@ -460,7 +633,7 @@ class DistributedModel(torch.nn.Module):
             return self.local_state_dict(*args, **kwargs)
         if _C.rdp_rank() != 0:
             return {}
-        entries = _state_entries(self.module)
+        entries = _state_entries(self._net)
         stage = collections.OrderedDict()
         for full, kind, owner, local in entries:
             if not self._is_local(full):
@@ -497,9 +670,9 @@ class DistributedModel(torch.nn.Module):
         partial = bool(sd.pop("_smp_is_partial", False))
         if partial:
             expected = collections.OrderedDict(
-                (k, None) for k in self.module.state_dict(keep_vars=True) if self._is_local(k))
+                (k, None) for k in self._net.state_dict(keep_vars=True) if self._is_local(k))
         else:
-            entries = _state_entries(self.module)
+            entries = _state_entries(self._net)
             expected = collections.OrderedDict((e[0], e) for e in entries)
         missing = [k for k in expected if k not in sd]
         unexpected = [k for k in sd if k not in expected]
@@ -515,7 +688,7 @@ class DistributedModel(torch.nn.Module):
                 "load a state dict of the same model, or pass strict=False")
         with torch.no_grad():
             if partial:
-                local = self.module.state_dict(keep_vars=True)
+                local = self._net.state_dict(keep_vars=True)
                 for k in expected:
                     if k not in sd:
                         continue

@@ -87,7 +87,7 @@ class DistributedOptimizer:
         self.model = model
         global _current
         _current = weakref.ref(self)
-        names = {id(p): n for n, p in model.module.named_parameters()}
+        names = {id(p): n for n, p in model.get_module().named_parameters()}
         seen = {}
         self._params = []
         self._names = []

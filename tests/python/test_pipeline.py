@@ -92,15 +92,20 @@ def test_step_outputs_splitting_and_hooks(smp_single):
     torch.testing.assert_close(doubled.concat(), x * 2)
     assert doubled.stack().shape == (2, 2, 2)
     assert doubled.reduce_mean().shape == (2, 2)
+    # A returned dict stays a dict, its tensors StepOutputs (smp v1).
+    assert isinstance(dicts, dict) and list(dicts) == ["x"]
+    torch.testing.assert_close(dicts["x"].concat(), x)
     with pytest.raises(smp.NotSupportedError, match=r"reduce_mean: the step returned values of "
-                       r"type\(s\) \['dict'\]; only tensors and numbers"):
-        dicts.reduce_mean()
+                       r"type\(s\) \['str'\]; only tensors and numbers"):
+        smp.StepOutput(["a", "b"]).reduce_mean()
 
     @smp.step
     def numbers(model, x):
         return float(x.sum())
 
-    assert numbers(None, x).reduce_mean() == 14.0
+    # Values other than tensors become their per-microbatch list.
+    assert numbers(None, x) == [6.0, 22.0]
+    assert smp.StepOutput([6.0, 22.0]).reduce_mean() == 14.0
 
     # not divisible, bad axis, bad names, nested inside another step
     with pytest.raises(smp.ConfigError, match=r"argument 'x' has size 3 along split axis 0 "
@@ -140,6 +145,55 @@ def test_step_outputs_splitting_and_hooks(smp_single):
 
     with pytest.raises(smp.StateError, match="model.backward called twice for microbatch 0"):
         twice(m, torch.ones(4, 3))
+    smp.shutdown()
+
+
+def test_step_output_containers_and_methods(smp_single):
+    """smp v1's mapping of a step's return value, container by container, and
+    StepOutput's local methods (one process: every rank holds the values)."""
+    smp = smp_single
+    smp.init({"microbatches": 2})
+    Pair = collections.namedtuple("Pair", "a b")
+
+    class Output(collections.OrderedDict):
+        """A model-output mapping (as transformers' ModelOutput)."""
+
+    @smp.step
+    def fn(model, x):
+        return (x, [x * 2, {"k": x.sum(), "n": 3}], Pair(x[:, 0], "s"),
+                Output(logits=x + 1, loss=x.mean()), None)
+
+    x = torch.arange(8.0).reshape(4, 2)
+    t, lst, pair, out, none = fn(None, x)
+    assert isinstance(t, smp.StepOutput) and len(t) == 2
+    torch.testing.assert_close(t[1], x[2:])
+    assert isinstance(lst, list) and isinstance(lst[1], dict)
+    torch.testing.assert_close(lst[0].concat(), x * 2)
+    torch.testing.assert_close(lst[1]["k"].reduce_sum(), x.sum())
+    assert lst[1]["n"] == [3, 3]
+    assert type(pair) is Pair and pair.b == ["s", "s"]
+    torch.testing.assert_close(pair.a.concat(), x[:, 0])
+    assert type(out) is dict and list(out) == ["logits", "loss"]
+    torch.testing.assert_close(out["logits"].concat(), x + 1)
+    assert none == [None, None]
+
+    doubled = t.map(lambda v: v * 2)
+    assert isinstance(doubled, smp.StepOutput)
+    torch.testing.assert_close(doubled.concat(), x * 2)
+    doubled.add_output(torch.zeros(2, 2))
+    assert len(doubled) == 3 and doubled.stack().shape == (3, 2, 2)
+    doubled.clear()
+    assert doubled.outputs == [] and len(doubled) == 0
+    with pytest.raises(smp.StateError, match="concat\\(\\) on an empty StepOutput"):
+        doubled.concat()
+
+    @smp.step
+    def uneven(model, x):
+        return x if x.sum() < 10 else "big"
+
+    # Microbatches whose values differ in kind: the per-microbatch list.
+    values = uneven(None, x)
+    assert isinstance(values, list) and values[1] == "big"
     smp.shutdown()
 
 
@@ -316,3 +370,67 @@ def test_tensors_outside_every_stage_are_refused():
     naming each tensor."""
     out = run_mpi_code(2, _ORPHANS).stdout
     assert ok_ranks(out, "orphans") == [0, 1], out
+
+
+def test_distributed_model_v1_arguments_and_hooks(smp_single):
+    """smp v1's constructor arguments (accepted, validated; the ones that act
+    change the gradients as v1 documents) and the post-partition / post-step
+    hooks' timing and arguments, in one process (pp 1)."""
+    smp = smp_single
+    smp.init({"microbatches": 2})
+    x, y = torch.randn(4, 5), torch.randn(4, 2)
+
+    @smp.step
+    def train_step(model, x, y):
+        loss = F.mse_loss(model(x), y)
+        model.backward(loss)
+        return loss
+
+    with pytest.raises(smp.ConfigError, match=r"unknown keyword argument\(s\) \['trace'\]; smp "
+                       r"v1's arguments are trace_device, trace_execution_times"):
+        smp.DistributedModel(_model(), trace=True)
+    with pytest.raises(smp.ConfigError, match="trace_device must be 'cpu' or 'gpu', got 'tpu'"):
+        smp.DistributedModel(_model(), trace_device="tpu")
+    with pytest.raises(smp.ConfigError, match="backward_passes_per_step must be an int >= 1, "
+                       "got 0"):
+        smp.DistributedModel(_model(), backward_passes_per_step=0)
+    with pytest.raises(smp.ConfigError, match="overlapping_allreduce must be True or False"):
+        smp.DistributedModel(_model(), overlapping_allreduce="yes")
+
+    # average_grads_across_microbatches=False: gradients summed over microbatches.
+    model = smp.DistributedModel(_model(), trace_device="cpu", trace_execution_times=True,
+                                 trace_memory_usage=True, overlapping_allreduce=False,
+                                 average_grads_across_microbatches=False, bucket_cap_mb=1,
+                                 find_unused_parameters=True, broadcast_buffers=False,
+                                 gradient_as_bucket_view=True)
+    assert model.partitioned and model.get_module() is model.module  # pp 1, no ddp
+    calls = []
+    model.register_post_partition_hook(lambda m, o: calls.append(("partition", m, o)))
+    handle = model.register_post_step_hook(lambda m, o: calls.append(("never", m, o)))
+    handle.remove()
+    model.register_post_step_hook(lambda m, o: calls.append(("step", m, o)))
+    assert calls == []  # no optimizer yet: they wait for the first step
+    opt = smp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    train_step(model, x, y)
+    assert calls == [("partition", model, opt), ("step", model, opt)], calls
+    ref = _model()
+    (F.mse_loss(ref(x[:2]), y[:2]) + F.mse_loss(ref(x[2:]), y[2:])).backward()
+    for p, q in zip(model.get_module().parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=0)
+    train_step(model, x, y)
+    assert len(calls) == 2  # once each
+    model.register_post_partition_hook(lambda m, o: calls.append(("late", m, o)))
+    assert calls[-1] == ("late", model, opt)
+    smp.shutdown()
+
+    # backward_passes_per_step=2 with smp.step: two steps accumulate.
+    smp.init({"microbatches": 2})
+    model = smp.DistributedModel(_model(), backward_passes_per_step=2)
+    for _ in range(2):
+        train_step(model, x, y)
+    ref = _model()
+    for _ in range(2):
+        F.mse_loss(ref(x), y).backward()
+    for p, q in zip(model.get_module().parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=0)
+    smp.shutdown()

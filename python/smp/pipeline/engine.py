@@ -18,6 +18,13 @@ Actions and what they do here:
 
 Hook API for a model wrapper (smp.DistributedModel), all optional, looked up
 on the step function's first argument:
+- ``model._smp_begin_step()``: first thing of every step, before the schedule
+  (DistributedModel partitions there on the first step and runs its
+  post-partition hooks).
+- ``model._smp_end_step()``: last thing of every step, after the results were
+  shared (DistributedModel runs its post-step hooks after the first step).
+- ``model.average_grads_across_microbatches``: False makes the last stage
+  back-propagate the loss itself instead of ``loss / microbatches``.
 - ``model._smp_begin_microbatch_backward(is_last)``: called on every stage
   before each microbatch's backward; ``is_last`` is True for the stage's final
   backward of the step (gradient-averaging hooks should fire only then).
@@ -29,6 +36,8 @@ on the step function's first argument:
   grad_tensors)`` when it is not None, and its forward must call
   ``stage_forward(plan, args, kwargs)`` when pp_size() > 1.
 """
+
+import collections.abc
 
 import torch
 
@@ -48,13 +57,6 @@ class _StageExit(BaseException):
     """Ends the step function on a stage other than the last once the model's
     forward for the microbatch is done (a BaseException so that the user's
     ``except Exception`` does not catch it)."""
-
-
-class RemoteResults:
-    """The step's results live on the last stage; ``arity`` as return_arity."""
-
-    def __init__(self, arity):
-        self.arity = arity
 
 
 def current_step():
@@ -185,23 +187,96 @@ def stage_forward(run_stage, args, kwargs):
     raise _StageExit()
 
 
-def broadcast_from_last_stage(value):
-    """The last stage's ``value`` on every stage of this pipeline (a collective
-    over PP_GROUP)."""
-    from smp import _objects
+_SHARED_DTYPES = frozenset(_DTYPES)
+
+
+class _Slot:
+    """Where tensor ``index`` of a shared step result goes back in."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index):
+        self.index = index
+
+
+def _extract(value, tensors):
+    """``value`` with every tensor inside dicts (any mapping becomes a dict),
+    lists and tuples replaced by a _Slot; the tensors are appended to
+    ``tensors``. Tensors of a dtype the communicators do not carry stay in
+    place (they travel pickled)."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in _SHARED_DTYPES or value.is_sparse:
+            return value.detach()
+        tensors.append(value.detach())
+        return _Slot(len(tensors) - 1)
+    if isinstance(value, (list, tuple)):
+        items = [_extract(v, tensors) for v in value]
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return type(value)(*items)
+        return type(value)(items) if type(value) in (list, tuple) else list(items)
+    if isinstance(value, collections.abc.Mapping):
+        return {k: _extract(v, tensors) for k, v in value.items()}
+    return value
+
+
+def _insert(value, tensors):
+    if isinstance(value, _Slot):
+        return tensors[value.index]
+    if isinstance(value, (list, tuple)):
+        items = [_insert(v, tensors) for v in value]
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return type(value)(*items)
+        return type(value)(items)
+    if isinstance(value, dict):
+        return {k: _insert(v, tensors) for k, v in value.items()}
+    return value
+
+
+def share_results(results):
+    """The last pipeline stage's per-microbatch step results on every stage of
+    this pipeline (PP_GROUP). Collective: every stage calls it once per step,
+    the last stage with ``results``, the others with None. The structure and
+    the Python values travel pickled (one object broadcast); the tensors
+    travel as one flat buffer per (dtype, device kind) with smp.comm.broadcast
+    (MPI or gloo for CPU tensors, NCCL for CUDA ones). CUDA tensors arrive on
+    the receiver's current CUDA device. The last stage keeps its own objects."""
+    from smp import _objects, comm
 
     last = _C.pp_size() - 1
     if _C.pp_rank() == last:
-        payload = value
-        if isinstance(value, torch.Tensor):
-            payload = ("tensor", value.detach().cpu(), value.is_cuda)
-        _objects.broadcast(payload, CommGroup.PP_GROUP)
-        return value
-    payload = _objects.recv_from(last, RankType.PP_RANK)
-    if isinstance(payload, tuple) and len(payload) == 3 and payload[0] == "tensor":
-        t = payload[1]
-        return t.to(torch.cuda.current_device()) if payload[2] else t
-    return payload
+        tensors = []
+        skeleton = _extract(results, tensors)
+        groups = {}
+        layout = []
+        for i, t in enumerate(tensors):
+            key = (t.dtype, t.device.type == "cuda")
+            groups.setdefault(key, []).append(i)
+            layout.append((key, tuple(t.shape)))
+        order = list(groups)
+        _objects.broadcast((skeleton, layout, order), CommGroup.PP_GROUP)
+        for key in order:
+            flat = torch.cat([tensors[i].reshape(-1) for i in groups[key]])
+            comm.broadcast(flat, last, CommGroup.PP_GROUP)
+        return results
+    skeleton, layout, order = _objects.recv_from(last, RankType.PP_RANK)
+    tensors = [None] * len(layout)
+    for key in order:
+        dtype, is_cuda = key
+        members = [i for i, (k, _) in enumerate(layout) if k == key]
+        sizes = [_numel(layout[i][1]) for i in members]
+        device = torch.device("cuda", torch.cuda.current_device()) if is_cuda else "cpu"
+        flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+        comm.broadcast(flat, last, CommGroup.PP_GROUP)
+        for i, piece in zip(members, torch.split(flat, sizes)):
+            tensors[i] = piece.view(layout[i][1])
+    return _insert(skeleton, tensors)
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _call_hook(model, name, *args):
@@ -210,13 +285,14 @@ def _call_hook(model, name, *args):
         fn(*args)
 
 
-def run_step(fn, model, pieces):
+def run_step(fn, model, pieces, prepare=None):
     """Runs ``fn`` over the microbatch argument lists ``pieces`` following this
-    stage's schedule; returns the per-microbatch results (last stage) or a
-    RemoteResults (other stages)."""
+    stage's schedule; returns the per-microbatch results on every stage (the
+    last stage's, after ``prepare(result)`` when given, shared over PP_GROUP
+    with share_results)."""
     global _current, _last_stats
-    from smp.pipeline.step import return_arity
 
+    _call_hook(model, "_smp_begin_step")
     n = len(pieces)
     stages, stage = _C.pp_size(), _C.pp_rank()
     cfg = _C.config()
@@ -266,12 +342,15 @@ def run_step(fn, model, pieces):
     finally:
         _current = None
         _last_stats = {"max_live_microbatches": ctx.max_live, "schedule": list(actions)}
-    if stages == 1 or ctx.is_last_stage:
+    results = None
+    if ctx.is_last_stage:
         results = [ctx.results[mb] for mb in range(n)]
-        if stages > 1:
-            broadcast_from_last_stage(return_arity(results[0]))
-        return results
-    return RemoteResults(broadcast_from_last_stage(None))
+        if prepare is not None:
+            results = [prepare(r) for r in results]
+    if stages > 1:
+        results = share_results(results)
+    _call_hook(model, "_smp_end_step")
+    return results
 
 
 def _backward(ctx, mb):
@@ -284,6 +363,8 @@ def _backward(ctx, mb):
         else:
             tensor, grad_tensors = recorded
             scale = 1.0 / ctx.num_microbatches
+            if not getattr(ctx.model, "average_grads_across_microbatches", True):
+                scale = 1.0
             if grad_tensors is None:
                 torch.autograd.backward(tensor * scale)
             else:

@@ -57,6 +57,17 @@ def set_partition(module, index):
     if index < 0:
         raise _C.ConfigError(f"smp.set_partition({type(module).__name__}, {index}): the stage "
                              "must be >= 0")
+    from smp import model as _model
+
+    wrapped = _model.current_model()
+    if wrapped is not None and wrapped.partitioned and _C.pp_size() > 1 and \
+            any(m is module for m in wrapped.get_module().modules()):
+        raise _C.StateError(
+            f"smp.set_partition({type(module).__name__}, {index}) on rank {_C.rank()}: the "
+            "DistributedModel holding this module is already partitioned (at the first "
+            "smp.step, or earlier by a call that needed the stages: local_parameters(), "
+            "state dicts, smp.DistributedOptimizer, model.to(), checkpoints); call "
+            "set_partition right after smp.DistributedModel(...), before those")
     setattr(module, _ATTR, index)
 
 

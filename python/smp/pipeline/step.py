@@ -21,12 +21,21 @@ along the split axis is not a multiple of microbatches raises smp.ConfigError.
 Gradients: ``model.backward(loss)`` inside a step back-propagates
 ``loss / microbatches``, so after the step the gradients are the average over
 microbatches, i.e. those of one step on the whole batch with the loss averaged
-over microbatches (smp v1's average_grads_across_microbatches=True).
+over microbatches (smp v1's average_grads_across_microbatches=True; a model
+whose ``average_grads_across_microbatches`` attribute is False gets the sum).
 
-Return values are detached per microbatch (a StepOutput does not keep the
-autograd graph, hence the activations, alive).
+Return values: the step function's return value on the last pipeline stage, for
+each microbatch, is handed to every rank of the pipeline inside the step (one
+object broadcast and one tensor broadcast per dtype over PP_GROUP,
+engine.share_results), then mapped container by container: every tensor becomes
+a StepOutput of its per-microbatch values, dicts (and model-output mappings)
+become dicts, lists and tuples keep their type, other values become lists of
+their per-microbatch values. StepOutput is then a local object on every rank.
+Tensors are detached per microbatch unless ``detach_outputs=False`` (a
+StepOutput does not keep the autograd graph, hence the activations, alive).
 """
 
+import collections.abc
 import functools
 import inspect
 
@@ -37,60 +46,59 @@ from smp.pipeline import engine
 
 
 class StepOutput:
-    """The values one return value of a step function took on each microbatch.
+    """The values one tensor returned by a step function took on each
+    microbatch, in microbatch order (smp v1's StepOutput).
 
-    On the last pipeline stage (every rank when pp_size() == 1) ``outputs`` is
-    the list of per-microbatch values. On the other stages the values live on
-    the last stage: ``reduce_mean()`` and ``reduce_sum()`` are then collectives
-    over PP_GROUP (the last stage broadcasts the reduced value; every stage of
-    the pipeline must call them in the same order), and ``outputs``,
-    ``concat()`` and ``stack()`` raise smp.StateError.
+    A plain local object: smp.step hands the last pipeline stage's return
+    values to every rank of the pipeline inside the step (see
+    docs/pipeline.md), so every rank holds every microbatch's value and none
+    of these methods communicates. Any subset of ranks may call them, in any
+    order, or not at all.
     """
 
-    def __init__(self, outputs, local=True):
-        self._outputs = list(outputs) if outputs is not None else None
-        self._local = local
-
-    @property
-    def outputs(self):
-        self._require_local("outputs")
-        return self._outputs
-
-    def _require_local(self, what):
-        if not self._local:
-            raise _C.StateError(
-                f"StepOutput.{what} on pipeline stage {_C.pp_rank()} (rank {_C.rank()}): the "
-                f"step's return values exist on the last stage ({_C.pp_size() - 1}) only; call "
-                "reduce_mean()/reduce_sum() (broadcast over PP_GROUP), or use the values where "
-                "smp.pp_rank() == smp.pp_size() - 1")
-
-    def _reduce(self, how):
-        if self._local:
-            value = _reduce_values(self._outputs, how)
-        else:
-            value = None
-        if _C.is_initialized() and _C.pp_size() > 1:
-            value = engine.broadcast_from_last_stage(value)
-        return value
+    def __init__(self, outputs=None):
+        #: The per-microbatch values (a list).
+        self.outputs = list(outputs) if outputs is not None else []
 
     def reduce_mean(self):
-        """Mean over microbatches (tensors: stacked on a new dim 0, then mean
-        over it; numbers: arithmetic mean). Available on every pipeline stage."""
-        return self._reduce("mean")
+        """Mean over microbatches (tensors: stacked on a new dim 0, then the
+        mean over it; numbers: arithmetic mean)."""
+        return _reduce_values(self.outputs, "mean")
 
     def reduce_sum(self):
-        """Sum over microbatches; available on every pipeline stage."""
-        return self._reduce("sum")
+        """Sum over microbatches."""
+        return _reduce_values(self.outputs, "sum")
 
     def concat(self):
-        """torch.cat of the per-microbatch tensors along dim 0 (last stage only)."""
-        self._require_local("concat()")
-        return torch.cat(self._outputs, dim=0)
+        """torch.cat of the per-microbatch tensors along dim 0 (the batch)."""
+        self._require_values("concat")
+        return torch.cat(self.outputs, dim=0)
 
     def stack(self):
-        """torch.stack of the per-microbatch tensors on a new dim 0 (last stage only)."""
-        self._require_local("stack()")
-        return torch.stack(self._outputs, dim=0)
+        """torch.stack of the per-microbatch tensors on a new dim 0."""
+        self._require_values("stack")
+        return torch.stack(self.outputs, dim=0)
+
+    def map(self, fn):
+        """A new StepOutput of ``fn(value)`` for each microbatch's value."""
+        return StepOutput([fn(v) for v in self.outputs])
+
+    def add_output(self, value):
+        """Appends one more microbatch's value."""
+        self.outputs.append(value)
+
+    def clear(self):
+        """Drops every value."""
+        self.outputs = []
+
+    def _require_values(self, what):
+        if not self.outputs:
+            raise _C.StateError(f"StepOutput.{what}() on an empty StepOutput (rank {_C.rank()})"
+                                if _C.is_initialized() else
+                                f"StepOutput.{what}() on an empty StepOutput")
+
+    def __getitem__(self, index):
+        return self.outputs[index]
 
     def __len__(self):
         return len(self.outputs)
@@ -99,11 +107,12 @@ class StepOutput:
         return iter(self.outputs)
 
     def __repr__(self):
-        where = f"{len(self._outputs)} microbatches" if self._local else "on the last stage"
-        return f"StepOutput({where})"
+        return f"StepOutput({len(self.outputs)} microbatches)"
 
 
 def _reduce_values(values, how):
+    if not values:
+        raise _C.StateError(f"StepOutput.reduce_{how}() on an empty StepOutput")
     if all(isinstance(v, torch.Tensor) for v in values):
         stacked = torch.stack(values, dim=0)
         return stacked.mean(dim=0) if how == "mean" else stacked.sum(dim=0)
@@ -199,7 +208,7 @@ def _detach(value):
         if isinstance(value, tuple) and hasattr(value, "_fields"):
             return type(value)(*items)
         return type(value)(items)
-    if isinstance(value, dict):
+    if isinstance(value, collections.abc.Mapping):
         return {k: _detach(v) for k, v in value.items()}
     return value
 
@@ -207,8 +216,9 @@ def _detach(value):
 def step(fn=None, *, non_split_inputs=None, input_split_axes=None, detach_outputs=True):
     """Decorator for ``fn(model, *args, **kwargs)``: see the module docstring.
     Usable as ``@smp.step`` or ``@smp.step(non_split_inputs=[...],
-    input_split_axes={...})``. Returns a StepOutput per return value of fn (a
-    tuple of StepOutputs when fn returns a tuple)."""
+    input_split_axes={...}, detach_outputs=True)``. Returns fn's return value
+    with every tensor replaced by a StepOutput of its per-microbatch values
+    (see _to_step_outputs), on every rank."""
     if fn is None:
         return functools.partial(step, non_split_inputs=non_split_inputs,
                                  input_split_axes=input_split_axes,
@@ -234,29 +244,39 @@ def step(fn=None, *, non_split_inputs=None, input_split_axes=None, detach_output
         n = int(_C.config()["microbatches"])
         pieces = split_microbatches(bound, n, non_split_inputs, input_split_axes)
         model = bound.arguments[next(iter(signature.parameters))]
-        results = engine.run_step(fn, model, pieces)
-        return _to_step_outputs(results, detach_outputs)
+        results = engine.run_step(fn, model, pieces,
+                                  prepare=_detach if detach_outputs else None)
+        return _to_step_outputs(results)
 
     wrapper._smp_step = True
     return wrapper
 
 
-def _to_step_outputs(results, detach_outputs):
-    """results: per-microbatch return values on the last stage, or
-    ("remote", structure) elsewhere, structure = number of return values of a
-    tuple or None for a single value."""
-    if isinstance(results, engine.RemoteResults):
-        if results.arity is None:
-            return StepOutput(None, local=False)
-        return tuple(StepOutput(None, local=False) for _ in range(results.arity))
-    if detach_outputs:
-        results = [_detach(r) for r in results]
-    if results and isinstance(results[0], tuple) and not hasattr(results[0], "_fields"):
-        return tuple(StepOutput([r[i] for r in results]) for i in range(len(results[0])))
-    return StepOutput(results)
+def _to_step_outputs(results):
+    """Maps the per-microbatch return values ``results`` (one per microbatch,
+    every rank holds them) container by container, as smp v1 does: a mapping
+    (dict, a model-output class) becomes a dict, a list a list, a tuple a
+    tuple of the same type (named tuples too), each tensor a StepOutput of its
+    per-microbatch values, and any other value the list of its
+    per-microbatch values. Where the microbatches' values differ in structure,
+    that position becomes the per-microbatch list."""
+    return _map_microbatches(list(results))
 
 
-def return_arity(value):
-    """Number of StepOutputs a step returning ``value`` produces: len for a plain
-    tuple, None for a single value."""
-    return len(value) if isinstance(value, tuple) and not hasattr(value, "_fields") else None
+def _map_microbatches(values):
+    first = values[0] if values else None
+    if values and all(isinstance(v, torch.Tensor) for v in values):
+        return StepOutput(values)
+    if isinstance(first, collections.abc.Mapping):
+        keys = list(first.keys())
+        if all(isinstance(v, collections.abc.Mapping) and list(v.keys()) == keys
+               for v in values):
+            return {k: _map_microbatches([v[k] for v in values]) for k in keys}
+    elif isinstance(first, (list, tuple)):
+        kind = type(first)
+        if all(type(v) is kind and len(v) == len(first) for v in values):
+            items = [_map_microbatches([v[i] for v in values]) for i in range(len(first))]
+            if isinstance(first, tuple) and hasattr(first, "_fields"):
+                return kind(*items)
+            return kind(items) if kind in (list, tuple) else list(items)
+    return list(values)

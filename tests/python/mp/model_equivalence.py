@@ -162,14 +162,14 @@ def local_expectations(model, ref):
     refp = dict(ref.named_parameters())
     out = {}
     dist_prefixes = []
-    for prefix, m in model.module.named_modules():
+    for prefix, m in model.get_module().named_modules():
         if smp.tp.is_dist_module(m):
             dist_prefixes.append(prefix)
             for name, _ in m.named_parameters():
                 full = refp[f"{prefix}.{name}"].detach()
                 out[f"{prefix}.{name}"] = _C.nn.local_slice(
                     m._smp_layout(name), full, smp.tp_size(), smp.tp_rank())
-    for name, _ in model.module.named_parameters():
+    for name, _ in model.get_module().named_parameters():
         if name not in out:
             out[name] = refp[name].detach()
     return out
@@ -177,7 +177,7 @@ def local_expectations(model, ref):
 
 def check_local_params(model, ref, where):
     want = local_expectations(model, ref)
-    for name, p in model.module.named_parameters():
+    for name, p in model.get_module().named_parameters():
         close(p, want[name], f"{where}: {name}")
 
 
@@ -195,7 +195,7 @@ def check_gathered(model, ref, where):
 
 
 def check_replaced(model, marking):
-    m = model.module
+    m = model.get_module()
     dist = smp.tp.is_dist_module
     if smp.tp_size() == 1:
         assert not any(dist(x) for x in m.modules()), "no replacement with tp 1"
@@ -296,11 +296,12 @@ def run_case(tp, opt_kind, shard, prescaled, marking, first):
     model = smp.DistributedModel(net)
     check_replaced(model, marking)
     check_local_params(model, ref, where + " after wrapping")
-    calls = []
-    model.register_post_partition_hook(lambda m: calls.append(m))
-    assert calls == [model]
-
     opt = smp.DistributedOptimizer(make_optimizer(opt_kind, model.parameters()))
+    # Partitioned (at wrapping with pp 1) and an optimizer exists: runs at once
+    # with (model, optimizer), as in smp v1.
+    calls = []
+    model.register_post_partition_hook(lambda m, o: calls.append((m, o)))
+    assert calls == [(model, opt)], calls
     ref_opt = make_optimizer(opt_kind, ref.parameters())
     shards, rows = rows_of_this_rank(prescaled)
     for step in range(STEPS):
@@ -377,7 +378,7 @@ def reload_fresh(tp, shard, prescaled, marking, gathered, ref, first):
 
 
 def check_errors(model):
-    m = model.module
+    m = model.get_module()
     first_param = next(iter(model.parameters()))
     first_name = next(iter(n for n, _ in m.named_parameters()))
     with warnings.catch_warnings():

@@ -81,7 +81,7 @@ def train_step(model, x, y):
 def check_released(model, reference, where):
     """Every rank holds only its stage's parameters and buffers."""
     local = list(model.local_parameters()) + list(model.local_buffers())
-    everything = list(model.module.parameters()) + list(model.module.buffers())
+    everything = list(model.get_module().parameters()) + list(model.get_module().buffers())
     local_ids = {id(t) for t in local}
     total, mine = held_bytes(everything), held_bytes(local)
     expected = sum(t.numel() * t.element_size() for t in local)
@@ -90,10 +90,10 @@ def check_released(model, reference, where):
             f"{where} rank {smp.rank()} (pp_rank {smp.pp_rank()}): parameters and buffers hold "
             f"{total} bytes, this stage's {mine} (numel x element size {expected})")
     ref_shapes = {n: tuple(t.shape) for n, t in reference.named_parameters()}
-    names = [n for n, _ in model.module.named_parameters()]
+    names = [n for n, _ in model.get_module().named_parameters()]
     if smp.tp_size() == 1 and names != list(ref_shapes):
         raise AssertionError(f"{where}: parameter names {names} != {list(ref_shapes)}")
-    for name, p in model.module.named_parameters():
+    for name, p in model.get_module().named_parameters():
         if model.param_spec(name)["global_shape"] != ref_shapes[name]:
             raise AssertionError(f"{where}: param_spec({name}) {model.param_spec(name)} has not "
                                  f"the full shape {ref_shapes[name]}")
@@ -102,7 +102,7 @@ def check_released(model, reference, where):
                                  f"{p.requires_grad}")
         if id(p) not in local_ids and p.numel() != 0:
             raise AssertionError(f"{where}: {name} of another stage has shape {tuple(p.shape)}")
-    for name, b in model.module.named_buffers():
+    for name, b in model.get_module().named_buffers():
         if id(b) not in local_ids and b.numel() != 0:
             raise AssertionError(f"{where}: buffer {name} of another stage has shape "
                                  f"{tuple(b.shape)}")

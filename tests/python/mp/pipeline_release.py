@@ -52,11 +52,11 @@ def check(cond, what):
 def check_released(model, plain):
     local = list(model.local_parameters()) + list(model.local_buffers())
     local_ids = {id(t) for t in local}
-    total = held_bytes(list(model.module.parameters()) + list(model.module.buffers()))
+    total = held_bytes(list(model.get_module().parameters()) + list(model.get_module().buffers()))
     mine = held_bytes(local)
     check(total == mine > 0, f"parameters and buffers hold {total} bytes, this stage's {mine}")
     full_shapes = {n: tuple(p.shape) for n, p in plain.named_parameters()}
-    for name, p in model.module.named_parameters():
+    for name, p in model.get_module().named_parameters():
         check(model.param_spec(name)["global_shape"] == full_shapes[name],
               f"param_spec('{name}') = {model.param_spec(name)}")
         check(p.dtype == torch.float32 and p.requires_grad, f"{name}: {p.dtype}")
@@ -125,7 +125,7 @@ def main():
           f"local_state_dict keys {sorted(lsd)}, local {sorted(local_names)}")
     check(all(v.numel() > 0 for v in lsd.values() if torch.is_tensor(v)), "empty local entry")
     osd = optimizer.local_state_dict()
-    check(set(osd["_smp_shard_specs"]) == {n for n, _ in model.module.named_parameters()},
+    check(set(osd["_smp_shard_specs"]) == {n for n, _ in model.get_module().named_parameters()},
           "optimizer specs cover every parameter")
 
     # ---- smp.save / smp.load of this stage's part ---------------------------------
@@ -185,7 +185,7 @@ def main():
         names = [n for n, _ in plain.named_parameters()]
         local = {n for n, _ in model.local_named_parameters()}
         owned = {n for n, o in zip(optimizer._names, optimizer._owned) if o}
-        by_param = {id(p): n for n, p in model.module.named_parameters()}
+        by_param = {id(p): n for n, p in model.get_module().named_parameters()}
         loaded = {by_param[id(p)]: s for p, s in optimizer.optimizer.state.items()}
         want = local & owned
         check(set(loaded) == want, f"optimizer state loaded for {sorted(loaded)}, want "

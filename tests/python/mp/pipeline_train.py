@@ -61,15 +61,14 @@ for pipeline in ("simple", "interleaved"):
         me = smp.rank()
         pm = smp.pipeline.PipelineModule(make_model())
         opt = torch.optim.SGD(pm.local_parameters(), lr=0.1)
-        last = smp.pp_rank() == smp.pp_size() - 1
         for i in range(5):
             x, y = data(i)
             opt.zero_grad()
             loss_mb, out_mb = train_step(pm, x, y)
             loss = loss_mb.reduce_mean()  # on every stage
             assert abs(loss.item() - ref_losses[i]) < 1e-5, (pipeline, mbs, i, loss, ref_losses[i])
-            if last:
-                assert len(out_mb.outputs) == mbs and out_mb.concat().shape == (BATCH, 3)
+            # Every stage holds every microbatch's values (smp v1's StepOutput).
+            assert len(out_mb.outputs) == mbs and out_mb.concat().shape == (BATCH, 3)
             opt.step()
         names = {id(p): n for n, p in pm.module.named_parameters()}
         local = pm.local_parameters()
@@ -176,17 +175,10 @@ for active in (1, 2):
     assert abs(loss.item() - 4 * ref_losses[0]) < 4e-5, (loss, ref_losses[0])
     stats = smp.pipeline.last_step_stats()
     assert stats["max_live_microbatches"] <= active, (active, stats)
-    # evaluation: no backward anywhere; outputs on the last stage
+    # evaluation: no backward anywhere; the outputs on every stage
     with torch.no_grad():
         out = eval_step(pm, x)
-    if smp.pp_rank() == smp.pp_size() - 1:
-        torch.testing.assert_close(out.concat(), make_model()(x), atol=1e-6, rtol=0)
-    else:
-        try:
-            out.concat()
-            raise AssertionError("concat on a non-last stage")
-        except smp.StateError as e:
-            assert "exist on the last stage" in str(e), e
+    torch.testing.assert_close(out.concat(), make_model()(x), atol=1e-6, rtol=0)
     # the model outside a step
     try:
         pm(x)
