@@ -24,3 +24,11 @@ __all__ = [
     "DistributedTransformerLayer",
     "functional",
 ]
+
+# smp v1 names smp does not implement: constructing one raises
+# smp.NotSupportedError naming the alternative (a real module of the same name wins).
+from smp.nn import _unsupported  # noqa: E402
+
+for _name, _stub in _unsupported.STUBS.items():
+    globals().setdefault(_name, _stub)
+del _name, _stub
