@@ -309,6 +309,21 @@ class DistributedOptimizer:
                 "one with load_state_dict()")
         self.load_state_dict(state_dict)
 
+    def _no_fp16_wrapper(self, what):
+        raise _C.NotSupportedError(
+            f"smp.DistributedOptimizer.{what} belongs to smp v1's fp16 optimizer wrapper, which "
+            "smp does not have; train in fp16 with torch.autocast and smp.amp.GradScaler "
+            "(its state_dict() holds the loss scale) and clip with torch.nn.utils.clip_grad_norm_")
+
+    def local_fp16_state_dict(self):
+        self._no_fp16_wrapper("local_fp16_state_dict")
+
+    def load_local_fp16_state_dict(self, fp16_states):
+        self._no_fp16_wrapper("load_local_fp16_state_dict")
+
+    def clip_master_grads(self, grad_clip):
+        self._no_fp16_wrapper("clip_master_grads")
+
     def _fit(self, name, key, value, param, partial):
         """The part of saved state tensor `value` that belongs to this rank's
         `param`: as is when the shapes agree, else sliced from a full tensor."""

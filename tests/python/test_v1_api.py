@@ -324,6 +324,8 @@ def test_model_creation_sets_dtype_and_marks_tensor_parallelism(smp_single):
     (lambda smp: smp.optimizers.FusedLamb([]), "apex.optimizers.FusedLAMB"),
     (lambda smp: smp.optimizers.FusedNovoGrad([]), "apex.optimizers.FusedNovoGrad"),
     (lambda smp: wrapped(smp)[0].cpu(), "state_dict(gather_to_rank0=True)"),
+    (lambda smp: wrapped(smp)[1].local_fp16_state_dict(), "smp.amp.GradScaler"),
+    (lambda smp: wrapped(smp)[1].clip_master_grads(1.0), "clip_grad_norm_"),
     (lambda smp: wrapped(smp)[0].join(), "same number of batches"),
     (lambda smp: wrapped(smp)[0].register_comm_hook(None, None), "after model.backward()"),
 ])
