@@ -99,8 +99,8 @@ from smp.pipeline import StepOutput, partition, set_partition, step  # noqa: E40
 from smp import amp  # noqa: E402
 from smp import optimizers  # noqa: E402
 from smp._state import num_microbatches, state  # noqa: E402
+from smp import patches  # noqa: E402
 from smp._compat import (  # noqa: E402
-    checkpoint,
     checkpoint_sequential,
     is_tracing,
     model_creation,

@@ -311,7 +311,8 @@ class DistributedOptimizer:
 
     def _no_fp16_wrapper(self, what):
         raise _C.NotSupportedError(
-            f"smp.DistributedOptimizer.{what} belongs to smp v1's fp16 optimizer wrapper, which "
+            f"smp.DistributedOptimizer.{what} is not supported: it belongs to smp v1's fp16 "
+            "optimizer wrapper, which "
             "smp does not have; train in fp16 with torch.autocast and smp.amp.GradScaler "
             "(its state_dict() holds the loss scale) and clip with torch.nn.utils.clip_grad_norm_")
 

@@ -297,12 +297,15 @@ def test_activation_checkpoint_functions_match_plain_forward(smp_single):
         grads = torch.autograd.grad(out, list(seq.parameters()))
         assert torch.allclose(out, ref)
         assert all(torch.allclose(a, b) for a, b in zip(grads, ref_grads)), strategy
-    out = smp.checkpoint(seq, x).sum()
+    from smdistributed.modelparallel.torch.patches.checkpoint import checkpoint
+
+    out = checkpoint(seq, x).sum()
     assert torch.allclose(out, ref)
+    assert smp.patches.checkpoint.checkpoint_sequential is smp.checkpoint_sequential
     with pytest.raises(smp.ConfigError, match="strategy is 'groups'"):
         smp.checkpoint_sequential(seq, x, strategy="groups")
     with pytest.raises(smp.ConfigError, match="expects a torch.nn.Module"):
-        smp.checkpoint(lambda t: t, x)
+        checkpoint(lambda t: t, x)
 
 
 def test_model_creation_sets_dtype_and_marks_tensor_parallelism(smp_single):
