@@ -113,13 +113,21 @@ V1_KEYS = {
 }
 
 
-def test_init_accepts_v1_keys_and_logs_no_op_keys_once(smp_single, capfd):
-    smp = smp_single
-    smp.init(dict(V1_KEYS))
-    assert smp.state.cfg.static_mode is True and smp.state.cfg.sdp_reduce_bucket_size == 500000000
-    smp.shutdown()
-    smp.init(dict(V1_KEYS))
-    err = capfd.readouterr().err
+def test_init_accepts_v1_keys_and_logs_no_op_keys_once():
+    # A fresh process: the warning is printed once per key and process.
+    code = ("import smp\n"
+            f"keys = {V1_KEYS!r}\n"
+            "smp.init(dict(keys))\n"
+            "assert smp.state.cfg.static_mode is True\n"
+            "assert smp.state.cfg.sdp_reduce_bucket_size == 500000000\n"
+            "smp.shutdown()\n"
+            "smp.init(dict(keys))\n"
+            "smp.shutdown()\n"
+            "print('v1 keys OK')\n")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(None), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "v1 keys OK" in out.stdout, out.stdout + out.stderr
+    err = out.stderr
     line = ("smp config key 'skip_tracing' is accepted for smp v1 compatibility and has no "
             "effect: smp does not trace the model")
     assert err.count(line) == 1, err
