@@ -10,6 +10,8 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
+#include <string>
 #include <utility>
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -240,6 +242,18 @@ const char* to_string(LaunchKind kind) {
 
 namespace {
 
+// Keys of smp v1 that change nothing here: one warning per key and process, on
+// world rank 0 only (every rank has the same config).
+void log_no_effect_keys(const Config& config, int rank) {
+  static std::set<std::string> logged;
+  if (rank != 0) return;
+  for (const auto& key : config.no_effect_keys) {
+    if (!logged.insert(key).second) continue;
+    SMP_LOG(kWarning, "smp config key '", key, "' is accepted for smp v1 compatibility and has no "
+            "effect: ", Config::no_effect_reason(key));
+  }
+}
+
 void build(State& s, const ConfigMap& user) {
   s.config = Config::from_map(user);
   s.launch = bootstrap::detect();
@@ -289,6 +303,7 @@ void init(const ConfigMap& user) {
   SMP_LOG(kInfo, "smp initialized (", to_string(s->launch.kind), " launch, ",
           s->topology->describe(s->rank), ", world ", s->size, ", pp ", s->topology->pp_size(),
           ", tp ", s->topology->tp_size(), ", rdp ", s->topology->rdp_size(), ")");
+  log_no_effect_keys(s->config, s->rank);
   g_state = std::move(s);
 }
 

@@ -99,5 +99,17 @@ from smp.model import DistributedModel  # noqa: E402
 from smp.optimizer import DistributedOptimizer  # noqa: E402
 from smp import pipeline  # noqa: E402
 from smp.pipeline import StepOutput, partition, set_partition, step  # noqa: E402
+from smp import amp  # noqa: E402
+from smp import optimizers  # noqa: E402
+from smp._state import num_microbatches, state  # noqa: E402
+from smp import patches  # noqa: E402
+from smp._compat import (  # noqa: E402
+    checkpoint_sequential,
+    is_tracing,
+    model_creation,
+    pp_barrier,
+    rdp_barrier,
+    tp_barrier,
+)
 
 __version__ = _C.version()

@@ -3,6 +3,7 @@
 import atexit
 import os
 import sys
+import traceback
 
 from smp import _C
 from smp._C import CommGroup
@@ -45,7 +46,6 @@ def init(config=None):
             f"{config!r}; e.g. smp.init({{'pipeline_parallel_degree': 2}})"
         )
     _C.init(config)
-    _install_exit_handlers()
     if _C.config()["ddp"]:
         from smp import torch_dist
 
@@ -54,6 +54,8 @@ def init(config=None):
         except BaseException:
             _C.shutdown()
             raise
+    # After torch.distributed's init_process_group, which wraps sys.excepthook.
+    _install_exit_handlers()
 
 
 def shutdown():
@@ -80,34 +82,88 @@ def _shutdown_at_exit():
         print(f"smp: shutdown at exit failed: {e}", file=sys.stderr, flush=True)
 
 
+def _write_to_terminal(text):
+    """Writes text to the process's real stderr (file descriptor 2), whatever
+    sys.stderr points at: torch.distributed's excepthook swaps sys.stderr for a
+    buffer while it calls the hook it wrapped, and a process that ends with
+    os._exit never prints that buffer."""
+    data = text.encode("utf-8", "replace")
+    while data:
+        try:
+            n = os.write(2, data)
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        data = data[n:]
+
+
+def _is_plain_printer(hook):
+    """True for hooks that only print the traceback (Python's default and
+    torch.distributed's rank-prefixing wrapper): the abort hook prints it itself."""
+    if hook is sys.__excepthook__:
+        return True
+    return (getattr(hook, "__name__", "") == "_distributed_excepthook"
+            and getattr(hook, "__module__", "") == "torch.distributed.distributed_c10d")
+
+
 def _abort_on_uncaught_exception(hook):
     def excepthook(exc_type, exc, tb):
-        hook(exc_type, exc, tb)
-        if _C.is_initialized() and _C.size() > 1:
-            # Leaving without MPI_Finalize makes mpirun end the whole job, so a
-            # failing rank does not leave its peers blocked in a collective.
-            sys.stderr.write(
-                f"smp: rank {_C.rank()} of {_C.size()} is ending the job after an uncaught "
-                f"{exc_type.__name__} (set SMP_ABORT_ON_EXCEPTION=0 to let it exit normally)\n"
-            )
-            sys.stderr.flush()
-            sys.stdout.flush()
-            os._exit(1)
+        if not (_C.is_initialized() and _C.size() > 1):
+            hook(exc_type, exc, tb)
+            return
+        if not _is_plain_printer(hook):
+            try:  # a user's hook (logging, error reporting) still runs
+                hook(exc_type, exc, tb)
+            except BaseException:  # noqa: BLE001 (the job ends below either way)
+                pass
+        r, n = _C.rank(), _C.size()
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        prefix = f"[smp rank {r}] "
+        lines = "".join(prefix + line for line in text.splitlines(keepends=True))
+        if not lines.endswith("\n"):
+            lines += "\n"
+        # Leaving without MPI_Finalize makes mpirun end the whole job (torchrun
+        # ends the other workers when one exits non-zero), so a failing rank
+        # does not leave its peers blocked in a collective.
+        lines += (f"{prefix}smp: rank {r} of {n} is ending the job after an uncaught "
+                  f"{exc_type.__name__} (set SMP_ABORT_ON_EXCEPTION=0 to let it exit "
+                  "normally)\n")
+        for stream in (sys.stdout, sys.__stdout__, sys.stderr, sys.__stderr__):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except Exception:  # noqa: BLE001 (a closed or replaced stream)
+                pass
+        _write_to_terminal(lines)
+        os._exit(1)
 
+    excepthook._smp_abort_hook = True
     return excepthook
+
+
+def _install_abort_hook():
+    """Puts the abort hook outermost in sys.excepthook (again after
+    torch.distributed wrapped it). Under mpirun and torchrun only."""
+    if os.environ.get("SMP_ABORT_ON_EXCEPTION", "1") == "0":
+        return
+    if _C.launch_kind() not in ("mpi", "torchrun"):
+        return
+    if getattr(sys.excepthook, "_smp_abort_hook", False):
+        return
+    sys.excepthook = _abort_on_uncaught_exception(sys.excepthook)
 
 
 def _install_exit_handlers():
     """Once per process: shut smp down at interpreter exit (an MPI job must
-    finalize), and under mpirun end the job when a rank dies of an uncaught
-    exception instead of leaving the others waiting for it."""
+    finalize), and under mpirun or torchrun end the job when a rank dies of an
+    uncaught exception, after printing its traceback, instead of leaving the
+    others waiting for it."""
     global _exit_handlers_installed
-    if _exit_handlers_installed:
-        return
-    _exit_handlers_installed = True
-    atexit.register(_shutdown_at_exit)
-    if _C.launch_kind() == "mpi" and os.environ.get("SMP_ABORT_ON_EXCEPTION", "1") != "0":
-        sys.excepthook = _abort_on_uncaught_exception(sys.excepthook)
+    if not _exit_handlers_installed:
+        _exit_handlers_installed = True
+        atexit.register(_shutdown_at_exit)
+    _install_abort_hook()
 
 
 def config():

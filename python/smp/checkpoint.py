@@ -285,7 +285,12 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
             save(model.local_state_dict(), os.path.join(folder, "model"), partial=True, v3=False,
                  _suffix=".pt")
         if optimizer is not None and (sharded or _C.rdp_rank() == 0):
-            save(optimizer.local_state_dict(), os.path.join(folder, "optimizer_states"),
+            from smp.optimizer import DistributedOptimizer
+
+            # Each rdp rank saves its own shard (v3), tensors where they are.
+            osd = (optimizer.local_state_dict(cast_to_cpu=False, gather_if_shard=False)
+                   if isinstance(optimizer, DistributedOptimizer) else optimizer.local_state_dict())
+            save(osd, os.path.join(folder, "optimizer_states"),
                  partial=True, v3=sharded, _suffix=".pt")
         if _C.rank() == 0:
             if user_content is not None:
@@ -330,9 +335,15 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
 
 
 def resume_from_checkpoint(path, tag=None, partial=True, strict=True, load_optimizer=True,
+                           load_sharded_optimizer_state=True, translate_function=None,
                            model=None, optimizer=None):
     """Loads a checkpoint written by smp.save_checkpoint into `model` and
     `optimizer` (collective on all ranks) and returns its user_content (or None).
+
+    load_sharded_optimizer_state: smp v1's switch for sharded data parallelism
+    (which smp refuses at smp.init); accepted, without effect.
+    translate_function: for a full checkpoint, fn(state_dict) -> state_dict
+    applied to the model's state dict before it is loaded (e.g. to rename keys).
 
     tag=None (partial only) reads the last line of path/newest. A partial
     checkpoint loads with model.load_state_dict(sd, strict=strict,
@@ -390,6 +401,8 @@ def resume_from_checkpoint(path, tag=None, partial=True, strict=True, load_optim
     else:
         if model is not None:
             sd = load(os.path.join(path, folder_name), partial=False)
+            if translate_function is not None:
+                sd = translate_function(sd)
             sd.pop("_smp_is_partial", None)
             model.load_state_dict(sd, strict=strict)
         opt_file = os.path.join(path, f"optimizer_{folder_name}")

@@ -717,3 +717,56 @@ class DistributedModel(torch.nn.Module):
                             "the model")
                     target.copy_(value)
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    # ---- more of smp v1's DistributedModel API -----------------------------
+
+    @property
+    def partitioned(self):
+        """True once the model is split into its pipeline stages."""
+        return self._partitioned
+
+    def distributed_modules(self):
+        """The tensor-parallel modules of the model (iterator)."""
+        return (m for m in self.module.modules() if tp.is_dist_module(m))
+
+    def is_distributed_buffer(self, buf):
+        """False: smp's tensor-parallel modules hold no split buffers."""
+        return False
+
+    def is_scaled_batch_parameter(self, param):
+        """True for parameters whose gradient already covers the tensor-parallel
+        group's batch (those of tensor-parallel modules, averaged over RDP_GROUP):
+        here the same as is_distributed_parameter."""
+        return self.is_distributed_parameter(param)
+
+    def is_scaled_batch_buffer(self, buf):
+        """False (see is_distributed_buffer)."""
+        return False
+
+    def default_reducer_named_parameters(self):
+        """(name, parameter) of the parameters averaged over DP_GROUP."""
+        return ((n, p) for n, p in self.module.named_parameters()
+                if not self.is_distributed_parameter(p))
+
+    def scaled_batch_reducer_named_parameters(self):
+        """(name, parameter) of the parameters averaged over RDP_GROUP."""
+        return ((n, p) for n, p in self.module.named_parameters()
+                if self.is_distributed_parameter(p))
+
+    def cpu(self):
+        raise _C.NotSupportedError(
+            "smp.DistributedModel.cpu() (gather every rank's parameters onto the CPU) is not "
+            "supported; get the full model with model.state_dict(gather_to_rank0=True) on the "
+            "ranks with rdp_rank() == 0 and load it into an unwrapped module")
+
+    def join(self, *args, **kwargs):
+        raise _C.NotSupportedError(
+            "smp.DistributedModel.join() (uneven inputs across data-parallel ranks) is not "
+            "supported; give every rank the same number of batches (e.g. drop_last=True in the "
+            "DataLoader with a DistributedSampler over dp_rank()/dp_size())")
+
+    def register_comm_hook(self, state, hook):
+        raise _C.NotSupportedError(
+            "smp.DistributedModel.register_comm_hook is not supported: smp averages gradients "
+            "in its own buckets (DP_GROUP / RDP_GROUP); modify gradients after "
+            "model.backward() and before optimizer.step() instead")

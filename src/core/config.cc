@@ -37,6 +37,15 @@ int as_int(const std::string& key, const ConfigValue& v) {
   bad_type(key, v, "an integer");
 }
 
+std::int64_t as_int64(const std::string& key, const ConfigValue& v) {
+  if (const auto* i = std::get_if<std::int64_t>(&v)) return *i;
+  if (const auto* d = std::get_if<double>(&v)) {
+    // JSON writes v1's defaults as 5e8, 1e6: whole numbers given as floats.
+    if (std::floor(*d) == *d && std::fabs(*d) < 9.0e18) return static_cast<std::int64_t>(*d);
+  }
+  bad_type(key, v, "an integer");
+}
+
 bool as_bool(const std::string& key, const ConfigValue& v) {
   if (const auto* b = std::get_if<bool>(&v)) return *b;
   if (const auto* s = std::get_if<std::string>(&v)) {
@@ -150,7 +159,9 @@ const std::map<std::string, Setter>& setters() {
       {"ddp_dist_backend",
        [](Config& c, const std::string& k, const ConfigValue& v) {
          c.ddp_dist_backend = as_string(k, v);
-         check_choice(k, c.ddp_dist_backend, {"auto", "nccl", "gloo"});
+         check_choice(k, c.ddp_dist_backend, {"auto", "nccl", "gloo", "smddp"});
+         // smp v1's SageMaker collective library; smp picks its backend as with "auto".
+         if (c.ddp_dist_backend == "smddp") c.ddp_dist_backend = "auto";
        }},
       {"tensor_parallel_seed",
        [](Config& c, const std::string& k, const ConfigValue& v) { c.tensor_parallel_seed = as_int(k, v); }},
@@ -168,8 +179,136 @@ const std::map<std::string, Setter>& setters() {
       {"contiguous", [](Config& c, const std::string& k, const ConfigValue& v) { c.contiguous = as_bool(k, v); }},
       {"load_partition",
        [](Config& c, const std::string& k, const ConfigValue& v) { c.load_partition = as_bool(k, v); }},
+      {"skip_tracing",
+       [](Config& c, const std::string& k, const ConfigValue& v) { c.skip_tracing = as_bool(k, v); }},
+      {"checkpoint_attentions",
+       [](Config& c, const std::string& k, const ConfigValue& v) {
+         c.checkpoint_attentions = as_bool(k, v);
+       }},
+      {"static_mode",
+       [](Config& c, const std::string& k, const ConfigValue& v) { c.static_mode = as_bool(k, v); }},
+      {"fast_mode",
+       [](Config& c, const std::string& k, const ConfigValue& v) { c.fast_mode = as_bool(k, v); }},
+      {"_match_weights",
+       [](Config& c, const std::string& k, const ConfigValue& v) { c.match_weights = as_bool(k, v); }},
+      {"_fp32_grad_accumulation",
+       [](Config& c, const std::string& k, const ConfigValue& v) {
+         c.fp32_grad_accumulation = as_bool(k, v);
+       }},
+      {"sharded_data_parallel_degree",
+       [](Config& c, const std::string& k, const ConfigValue& v) {
+         c.sharded_data_parallel_degree = as_int(k, v);
+         check_min(k, c.sharded_data_parallel_degree, 1);
+       }},
+      {"sdp_reduce_bucket_size",
+       [](Config& c, const std::string& k, const ConfigValue& v) {
+         c.sdp_reduce_bucket_size = as_int64(k, v);
+       }},
+      {"sdp_param_persistence_threshold",
+       [](Config& c, const std::string& k, const ConfigValue& v) {
+         c.sdp_param_persistence_threshold = as_int64(k, v);
+       }},
+      {"sdp_max_live_parameters",
+       [](Config& c, const std::string& k, const ConfigValue& v) {
+         c.sdp_max_live_parameters = as_int64(k, v);
+       }},
+      {"sdp_hierarchical_allgather",
+       [](Config& c, const std::string& k, const ConfigValue& v) {
+         c.sdp_hierarchical_allgather = as_bool(k, v);
+       }},
+      {"sdp_gradient_clipping",
+       [](Config& c, const std::string& k, const ConfigValue& v) {
+         c.sdp_gradient_clipping = as_double(k, v);
+       }},
+      {"_sharded_data_parallelism_config",
+       [](Config& c, const std::string& k, const ConfigValue& v) {
+         c.sharded_data_parallelism_config = as_string(k, v);
+       }},
+      {"deterministic_server",
+       [](Config& c, const std::string& k, const ConfigValue& v) {
+         c.deterministic_server = as_bool(k, v);
+       }},
+      {"_shard_offloaded_activations",
+       [](Config& c, const std::string& k, const ConfigValue& v) {
+         c.shard_offloaded_activations = as_bool(k, v);
+       }},
+      {"task_level_activation_loading_horizon",
+       [](Config& c, const std::string& k, const ConfigValue& v) {
+         c.task_level_activation_loading_horizon = as_int(k, v);
+         check_min(k, c.task_level_activation_loading_horizon, 1);
+       }},
+      {"herring", [](Config& c, const std::string& k, const ConfigValue& v) { c.herring = as_bool(k, v); }},
+      {"partition_file",
+       [](Config& c, const std::string& k, const ConfigValue& v) { c.partition_file = as_string(k, v); }},
+      {"predefined_hooks",
+       [](Config& c, const std::string& k, const ConfigValue& v) { c.predefined_hooks = as_bool(k, v); }},
+      {"tolerance",
+       [](Config& c, const std::string& k, const ConfigValue& v) { c.tolerance = as_double(k, v); }},
   };
   return table;
+}
+
+// Keys of smp v1 that smp accepts but that change nothing here, with the reason.
+const std::map<std::string, std::string>& no_effect_table() {
+  static const std::map<std::string, std::string> table = {
+      {"skip_tracing", "smp does not trace the model: stages are planned from the module tree"},
+      {"checkpoint_attentions",
+       "use smp.set_activation_checkpointing(module) for activation checkpointing"},
+      {"static_mode", "an optimization of smp v1's execution server, which smp does not have"},
+      {"fast_mode", "an optimization of smp v1's execution server, which smp does not have"},
+      {"deterministic_server", "smp has no execution server; its pipeline schedule is fixed"},
+      {"_match_weights", "smp's distributed modules always slice the original weights"},
+      {"_fp32_grad_accumulation", "gradients accumulate in the parameters' dtype"},
+      {"sdp_reduce_bucket_size", "sharded data parallelism is not supported"},
+      {"sdp_param_persistence_threshold", "sharded data parallelism is not supported"},
+      {"sdp_max_live_parameters", "sharded data parallelism is not supported"},
+      {"sdp_hierarchical_allgather", "sharded data parallelism is not supported"},
+      {"sdp_gradient_clipping",
+       "sharded data parallelism is not supported; clip with torch.nn.utils.clip_grad_norm_"},
+      {"_shard_offloaded_activations", "activation offloading is not supported"},
+      {"task_level_activation_loading_horizon", "activation offloading is not supported"},
+      {"activation_loading_horizon", "activation offloading is not supported"},
+      {"partition_file", "a TensorFlow option of smp v1"},
+      {"contiguous", "a TensorFlow option of smp v1"},
+      {"load_partition", "a TensorFlow option of smp v1"},
+      {"predefined_hooks",
+       "smp has no built-in Hugging Face module hooks; register replacements with "
+       "smp.tp_register_with_module"},
+      {"tolerance", "pipeline stages are balanced by parameter count"},
+      {"memory_weight", "pipeline stages are balanced by parameter count"},
+      {"optimize", "smp's distributed transformer has one implementation"},
+      {"delayed_parameter_initialization",
+       "parameters are created when the module is built; see smp.delay_param_initialization"},
+      {"ddp_port", "torch.distributed is initialized on smp's own store"},
+  };
+  return table;
+}
+
+// Keys whose value asks for a feature smp does not have: throws
+// NotSupportedError naming the key and the alternative.
+void check_supported(const Config& c, const ConfigMap& given) {
+  auto value_of = [&given](const char* key) { return to_string(given.at(key)); };
+  SMP_CHECK(c.sharded_data_parallel_degree == 1, NotSupportedError,
+            "smp config key 'sharded_data_parallel_degree' is ",
+            value_of("sharded_data_parallel_degree"),
+            ": sharded data parallelism (smp v1's ZeRO-2D / MiCS) is not supported; use "
+            "\"shard_optimizer_state\": True with \"ddp\": True (optimizer state sharded over "
+            "RDP_GROUP) and tensor_parallel_degree / pipeline_parallel_degree to split the model");
+  SMP_CHECK(c.sharded_data_parallelism_config.empty(), NotSupportedError,
+            "smp config key '_sharded_data_parallelism_config' is ",
+            value_of("_sharded_data_parallelism_config"),
+            ": sharded data parallelism (ZeRO-2D) is not supported; remove the key and use "
+            "\"shard_optimizer_state\": True with \"ddp\": True");
+  SMP_CHECK(!c.offload_activations, NotSupportedError,
+            "smp config key 'offload_activations' is true: activation offloading to the CPU is "
+            "not supported; remove the key (or set it to false) and save activation memory with "
+            "smp.set_activation_checkpointing(module) or a smaller 'active_microbatches'");
+  SMP_CHECK(!c.horovod, NotSupportedError,
+            "smp config key 'horovod' is true: data parallelism through Horovod is not "
+            "supported; use \"ddp\": True");
+  SMP_CHECK(!c.herring, NotSupportedError,
+            "smp config key 'herring' is true: the herring data-parallel backend is not "
+            "supported; use \"ddp\": True");
 }
 
 // ---- flat JSON -----------------------------------------------------------
@@ -309,6 +448,12 @@ std::string to_string(const ConfigValue& value) {
   return os.str();
 }
 
+std::string Config::no_effect_reason(const std::string& key) {
+  const auto& table = no_effect_table();
+  auto it = table.find(key);
+  return it == table.end() ? std::string() : it->second;
+}
+
 std::vector<std::string> Config::valid_keys() {
   std::vector<std::string> keys;
   for (const auto& kv : setters()) keys.push_back(kv.first);
@@ -329,19 +474,25 @@ Config Config::from_map(const ConfigMap& user, bool read_env) {
     }
   }
   const auto& table = setters();
+  std::vector<std::string> unknown;
+  for (const auto& [key, value] : merged) {
+    if (table.count(key) == 0) unknown.push_back("'" + key + "' (value " + to_string(value) + ")");
+  }
+  if (!unknown.empty()) {
+    std::string names, list;
+    for (const auto& u : unknown) names += (names.empty() ? "" : ", ") + u;
+    for (const auto& k : valid_keys()) list += (list.empty() ? "" : ", ") + k;
+    SMP_THROW(ConfigError, "unknown smp config key", unknown.size() > 1 ? "s " : " ", names,
+              "; valid keys: ", list);
+  }
   Config cfg;
   bool has_active = false;
   for (const auto& [key, value] : merged) {
-    auto it = table.find(key);
-    if (it == table.end()) {
-      std::string list;
-      for (const auto& k : valid_keys()) list += (list.empty() ? "" : ", ") + k;
-      SMP_THROW(ConfigError, "unknown smp config key '", key, "' (value ", to_string(value),
-                "); valid keys: ", list);
-    }
-    it->second(cfg, key, value);
+    table.at(key)(cfg, key, value);
     if (key == "active_microbatches") has_active = true;
+    if (no_effect_table().count(key)) cfg.no_effect_keys.push_back(key);
   }
+  check_supported(cfg, merged);
   SMP_CHECK(!(merged.count("partitions") && merged.count("pipeline_parallel_degree") &&
               as_int("partitions", merged.at("partitions")) !=
                   as_int("pipeline_parallel_degree", merged.at("pipeline_parallel_degree"))),
@@ -391,6 +542,26 @@ ConfigMap Config::to_map() const {
       {"activation_loading_horizon", std::int64_t{activation_loading_horizon}},
       {"contiguous", contiguous},
       {"load_partition", load_partition},
+      {"skip_tracing", skip_tracing},
+      {"checkpoint_attentions", checkpoint_attentions},
+      {"static_mode", static_mode},
+      {"fast_mode", fast_mode},
+      {"_match_weights", match_weights},
+      {"_fp32_grad_accumulation", fp32_grad_accumulation},
+      {"sharded_data_parallel_degree", std::int64_t{sharded_data_parallel_degree}},
+      {"sdp_reduce_bucket_size", sdp_reduce_bucket_size},
+      {"sdp_param_persistence_threshold", sdp_param_persistence_threshold},
+      {"sdp_max_live_parameters", sdp_max_live_parameters},
+      {"sdp_hierarchical_allgather", sdp_hierarchical_allgather},
+      {"sdp_gradient_clipping", sdp_gradient_clipping},
+      {"_sharded_data_parallelism_config", sharded_data_parallelism_config},
+      {"deterministic_server", deterministic_server},
+      {"_shard_offloaded_activations", shard_offloaded_activations},
+      {"task_level_activation_loading_horizon", std::int64_t{task_level_activation_loading_horizon}},
+      {"herring", herring},
+      {"partition_file", partition_file},
+      {"predefined_hooks", predefined_hooks},
+      {"tolerance", tolerance},
   };
 }
 

@@ -45,10 +45,43 @@ struct Config {
   int activation_loading_horizon = 4;
   bool contiguous = true;
   bool load_partition = false;
+  // Further keys of smp v1's parameter list. Those that ask for a feature smp
+  // does not have (sharded_data_parallel_degree > 1, offload_activations,
+  // horovod, herring, _sharded_data_parallelism_config) raise
+  // NotSupportedError naming the key; the others are accepted without effect
+  // and listed in no_effect_keys.
+  bool skip_tracing = false;
+  bool checkpoint_attentions = false;
+  bool static_mode = false;
+  bool fast_mode = false;
+  bool match_weights = false;           ///< "_match_weights"
+  bool fp32_grad_accumulation = false;  ///< "_fp32_grad_accumulation"
+  int sharded_data_parallel_degree = 1;
+  std::int64_t sdp_reduce_bucket_size = 500000000;
+  std::int64_t sdp_param_persistence_threshold = 1000000;
+  std::int64_t sdp_max_live_parameters = 1000000000;
+  bool sdp_hierarchical_allgather = true;
+  double sdp_gradient_clipping = 1.0;
+  std::string sharded_data_parallelism_config;  ///< "_sharded_data_parallelism_config"
+  bool deterministic_server = false;
+  bool shard_offloaded_activations = true;  ///< "_shard_offloaded_activations"
+  int task_level_activation_loading_horizon = 4;
+  bool herring = false;
+  std::string partition_file;
+  bool predefined_hooks = true;
+  double tolerance = 1.2;
+
+  /// Keys the user gave (sorted) that smp accepts for compatibility with smp v1
+  /// but that change nothing here; see no_effect_reason().
+  std::vector<std::string> no_effect_keys;
+
+  /// Why `key` has no effect in smp (empty for keys that do).
+  static std::string no_effect_reason(const std::string& key);
 
   /// Builds a config from user keys, then applies the JSON object in
   /// SM_HP_MP_PARAMETERS (if set) on top. Throws ConfigError naming the key,
-  /// the bad value and the valid choices.
+  /// the bad value and the valid choices (every unknown key at once), and
+  /// NotSupportedError naming a key that asks for a feature smp lacks.
   static Config from_map(const ConfigMap& user, bool read_env = true);
 
   /// Parses a flat JSON object of strings, numbers and booleans. `source`

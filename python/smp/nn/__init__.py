@@ -42,3 +42,11 @@ __all__ = [
     "FusedLayerNorm",
     "functional",
 ]
+
+# smp v1 names smp does not implement: constructing one raises
+# smp.NotSupportedError naming the alternative (a real module of the same name wins).
+from smp.nn import _unsupported  # noqa: E402
+
+for _name, _stub in _unsupported.STUBS.items():
+    globals().setdefault(_name, _stub)
+del _name, _stub

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <string>
 
 #include "smp/core/error.h"
@@ -47,6 +48,81 @@ TEST(Config, UnknownKeyListsValidKeys) {
   EXPECT_TRUE(contains(e, "unknown smp config key 'pipline_parallel_degree'")) << e;
   EXPECT_TRUE(contains(e, "pipeline_parallel_degree")) << e;
   EXPECT_TRUE(contains(e, "tensor_parallel_degree")) << e;
+}
+
+TEST(Config, EveryUnknownKeyIsNamed) {
+  std::string e = config_error({{"pipline_parallel_degree", std::int64_t{2}},
+                                {"microbatchez", std::int64_t{4}},
+                                {"ddp", true}});
+  EXPECT_TRUE(contains(e, "unknown smp config keys 'microbatchez' (value 4), "
+                          "'pipline_parallel_degree' (value 2)")) << e;
+  EXPECT_TRUE(contains(e, "valid keys:")) << e;
+}
+
+TEST(Config, AcceptsSmpV1Keys) {
+  // Keys of smp v1's parameter list that GPT-2 and other v1 scripts pass.
+  Config c = Config::from_map({{"skip_tracing", true},
+                               {"checkpoint_attentions", false},
+                               {"static_mode", true},
+                               {"fast_mode", true},
+                               {"_match_weights", true},
+                               {"_fp32_grad_accumulation", false},
+                               {"sharded_data_parallel_degree", std::int64_t{1}},
+                               {"sdp_reduce_bucket_size", 5e8},
+                               {"sdp_param_persistence_threshold", std::int64_t{1000000}},
+                               {"sdp_max_live_parameters", 1e9},
+                               {"sdp_hierarchical_allgather", true},
+                               {"sdp_gradient_clipping", 1.0},
+                               {"deterministic_server", true},
+                               {"offload_activations", false},
+                               {"activation_loading_horizon", std::int64_t{4}},
+                               {"tensor_parallel_seed", std::int64_t{7}},
+                               {"predefined_hooks", true},
+                               {"ddp_dist_backend", std::string("smddp")}},
+                              false);
+  EXPECT_TRUE(c.skip_tracing);
+  EXPECT_TRUE(c.match_weights);
+  EXPECT_EQ(c.sdp_reduce_bucket_size, 500000000);
+  EXPECT_EQ(c.sdp_max_live_parameters, 1000000000);
+  EXPECT_EQ(c.tensor_parallel_seed, 7);
+  EXPECT_EQ(c.ddp_dist_backend, "auto");
+  EXPECT_EQ(std::get<bool>(c.to_map().at("_match_weights")), true);
+  // Keys without effect are reported (sorted); keys that have one are not.
+  EXPECT_NE(std::find(c.no_effect_keys.begin(), c.no_effect_keys.end(), "skip_tracing"),
+            c.no_effect_keys.end());
+  EXPECT_EQ(std::find(c.no_effect_keys.begin(), c.no_effect_keys.end(), "tensor_parallel_seed"),
+            c.no_effect_keys.end());
+  EXPECT_FALSE(Config::no_effect_reason("static_mode").empty());
+  EXPECT_TRUE(Config::no_effect_reason("microbatches").empty());
+  // Every key from_map accepts appears in the resolved map.
+  const ConfigMap m = Config::from_map({}, false).to_map();
+  for (const auto& key : Config::valid_keys()) {
+    if (key == "partitions" || key == "fp16_params") continue;  // aliases
+    EXPECT_EQ(m.count(key), 1u) << key;
+  }
+}
+
+std::string not_supported(const ConfigMap& m) {
+  try {
+    Config::from_map(m, false);
+  } catch (const NotSupportedError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Config, UnsupportedFeatureKeysRaiseNotSupported) {
+  std::string e = not_supported({{"sharded_data_parallel_degree", std::int64_t{2}}, {"ddp", true}});
+  EXPECT_TRUE(contains(e, "smp config key 'sharded_data_parallel_degree' is 2")) << e;
+  EXPECT_TRUE(contains(e, "shard_optimizer_state")) << e;
+  e = not_supported({{"offload_activations", true}});
+  EXPECT_TRUE(contains(e, "smp config key 'offload_activations' is true")) << e;
+  EXPECT_TRUE(contains(e, "set_activation_checkpointing")) << e;
+  EXPECT_TRUE(contains(not_supported({{"horovod", true}}), "'horovod'"));
+  EXPECT_TRUE(contains(not_supported({{"herring", true}}), "'herring'"));
+  EXPECT_TRUE(contains(not_supported({{"_sharded_data_parallelism_config",
+                                       std::string("zero.json")}}),
+                       "'_sharded_data_parallelism_config'"));
 }
 
 TEST(Config, BadValues) {

@@ -237,7 +237,7 @@ def check_local_state_dict(model, ref, where):
 
 def check_optimizer_state(opt, ref, ref_opt, where):
     full = opt.state_dict()
-    assert full["_smp_is_partial"] is (not opt._sharded and smp.tp_size() == 1)
+    assert full["_smp_is_partial"] is (not opt._smp_sharded and smp.tp_size() == 1)
     ref_names = {id(p): n for n, p in ref.named_parameters()}
     ref_state = {ref_names[id(p)]: s for p, s in ref_opt.state.items()}
     names = [n for g in full["_smp_param_names"] for n in g]
@@ -255,9 +255,9 @@ def check_optimizer_state(opt, ref, ref_opt, where):
     assert local_sd["_smp_is_partial"] is True
     for sd in (full, local_sd):
         opt2 = smp.DistributedOptimizer(make_optimizer(opt_kind_of(ref_opt),
-                                                       list(opt.model.parameters())[::-1]))
+                                                       list(opt._smp_model.parameters())[::-1]))
         opt2.load_state_dict(sd)
-        for p in opt.model.parameters():
+        for p in opt._smp_model.parameters():
             a, b = opt.state.get(p, {}), opt2.state.get(p, {})
             assert a.keys() == b.keys(), (where, a.keys(), b.keys())
             for k in a:

@@ -184,7 +184,7 @@ def main():
         optimizer.load_state_dict(ref_sd)
         names = [n for n, _ in plain.named_parameters()]
         local = {n for n, _ in model.local_named_parameters()}
-        owned = {n for n, o in zip(optimizer._names, optimizer._owned) if o}
+        owned = {n for n, o in zip(optimizer._smp_names, optimizer._smp_owned) if o}
         by_param = {id(p): n for n, p in model.get_module().named_parameters()}
         loaded = {by_param[id(p)]: s for p, s in optimizer.optimizer.state.items()}
         want = local & owned

@@ -92,8 +92,9 @@ def check(cond, what):
 
 def local_snapshot(model, optimizer):
     sd = {k: v.clone() for k, v in model.local_state_dict().items() if torch.is_tensor(v)}
-    # state_dict()s hold references to live tensors: copy them.
-    return sd, copy.deepcopy(optimizer.local_state_dict())
+    # state_dict()s hold references to live tensors: copy them. This rank's own
+    # part only (gather_if_shard=False): callers may be a subset of the ranks.
+    return sd, copy.deepcopy(optimizer.local_state_dict(gather_if_shard=False))
 
 
 def same_opt_state(a, b):

@@ -64,7 +64,7 @@ def tie_case(tp, marking):
     where = f"tie tp {tp} rdp {smp.rdp_size()} marking {marking}"
     ref = make_gpt(7, None)
     model = smp.DistributedModel(make_gpt(7 + smp.rank(), marking))
-    m = model.module
+    m = model.get_module()
     assert m.lm_head.weight is m.wte.weight, where
     assert type(m.wte) is torch.nn.Embedding and type(m.lm_head) is torch.nn.Linear, where
     if tp > 1:
