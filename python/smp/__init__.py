@@ -103,8 +103,8 @@ from smp import amp  # noqa: E402
 from smp import optimizers  # noqa: E402
 from smp._state import num_microbatches, state  # noqa: E402
 from smp import patches  # noqa: E402
+from smp.patches.checkpoint import checkpoint_sequential  # noqa: E402
 from smp._compat import (  # noqa: E402
-    checkpoint_sequential,
     is_tracing,
     model_creation,
     pp_barrier,
