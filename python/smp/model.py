@@ -745,12 +745,12 @@ class DistributedModel(torch.nn.Module):
 
     def default_reducer_named_parameters(self):
         """(name, parameter) of the parameters averaged over DP_GROUP."""
-        return ((n, p) for n, p in self.module.named_parameters()
+        return ((n, p) for n, p in self._net.named_parameters()
                 if not self.is_distributed_parameter(p))
 
     def scaled_batch_reducer_named_parameters(self):
         """(name, parameter) of the parameters averaged over RDP_GROUP."""
-        return ((n, p) for n, p in self.module.named_parameters()
+        return ((n, p) for n, p in self._net.named_parameters()
                 if self.is_distributed_parameter(p))
 
     def cpu(self):

@@ -31,7 +31,7 @@ def get_distribution_axis(obj):
     model = current_model()
     if model is None:
         return None
-    for name, p in model.module.named_parameters():
+    for name, p in model.get_module().named_parameters():
         if p is obj:
             return model.param_spec(name)["split_dim"]
     return None
