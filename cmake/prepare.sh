@@ -53,6 +53,7 @@ smp_prepare() (
   [ -e /usr/include/gmock/gmock.h ] || missing+=(libgmock-dev)
   [ -e /usr/include/fmt/core.h ] || missing+=(libfmt-dev)
   [ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
+  [ -e /usr/include/nlohmann/json.hpp ] || missing+=(nlohmann-json3-dev)
   if ! command -v python3 >/dev/null; then
     missing+=(python3 python3-dev python3-pip)
   else

@@ -117,7 +117,10 @@ def save_phase():
         train_step(model, optimizer, step)
     # Option 1: partial
     model_dict = model.local_state_dict()
-    opt_dict = optimizer.local_state_dict()
+    # With sharding every rdp rank saves the part it owns (the _<pp>_<tp>_<rdp>
+    # files); local_state_dict()'s v1 default, gather_if_shard=True, would
+    # gather every owner's part on each rank.
+    opt_dict = optimizer.local_state_dict(gather_if_shard=False)
     if smp.rdp_rank() == 0 or SHARD:
         smp.save({"model_state_dict": model_dict, "optimizer_state_dict": opt_dict},
                  os.path.join(DIR, "checkpoint.pt"), partial=True)
