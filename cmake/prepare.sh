@@ -94,6 +94,7 @@ smp_prepare() (
   local pymissing=()
   python3 -c 'import torch' >/dev/null 2>&1 || pymissing+=(torch==2.13.0)
   python3 -c 'import pybind11' >/dev/null 2>&1 || pymissing+=(pybind11)
+  python3 -c 'import numpy' >/dev/null 2>&1 || pymissing+=(numpy)
   python3 -c 'import pytest' >/dev/null 2>&1 || pymissing+=(pytest)
   python3 -c 'import pytest_timeout' >/dev/null 2>&1 || pymissing+=(pytest-timeout)
   python3 -c 'import scikit_build_core' >/dev/null 2>&1 || pymissing+=(scikit-build-core)

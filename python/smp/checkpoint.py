@@ -149,28 +149,57 @@ def _apply_map_location(obj, map_location, memo):
     return obj
 
 
-def load(f, partial=True, map_location=None, weights_only=True, *, verify_checksums=True,
-         back_compat=False):
+def _numpy_safe_globals():
+    """numpy's scalar, array and dtype reconstructors: safe for a restricted
+    unpickler (an object array's items go through the same unpickler)."""
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    core = getattr(np, "_core", None) or np.core
+    out = [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        out += [c for c in vars(dtypes).values() if isinstance(c, type)]
+    return out
+
+
+def _unsafe_load_switch():
+    v = os.environ.get("SMP_UNSAFE_LOAD", "").strip().lower()
+    return v not in ("", "0", "false", "no", "off")
+
+
+def load(f, partial=True, map_location=None, weights_only=None, *, verify_checksums=True,
+         back_compat=False, pickle_module=None, **pickle_load_args):
     """Loads what smp.save wrote (or torch.save under smp's names).
 
     partial=True: this rank's part, ``<f>_<pp>_<tp>_<rdp>`` or ``<f>_<pp>_<tp>``
     (also with ".pt" after the ranks, and with f's ".pt" added or removed),
     checked against the manifest: an incomplete or mixed checkpoint, a missing
     part or another pp/tp layout raise smp.CheckpointError.
-    weights_only=True (default) never runs code from the file: anything but
-    tensors, containers and primitives (or what torch.load(weights_only=True)
-    allows) is refused with smp.CheckpointError naming the file and the global.
-    weights_only=False opts in to full unpickling (torch.load). map_location
+    weights_only=True (the default) never runs code from the file: tensors,
+    containers, primitives, numpy scalars and arrays, and what torch.load's
+    own allow-list admits (torch.serialization.add_safe_globals or the
+    safe_globals context manager) load; anything else is refused with
+    smp.CheckpointError naming the file and the global. weights_only=False,
+    or the environment variable SMP_UNSAFE_LOAD=1 when weights_only is not
+    given (for smp v1 scripts, unchanged, that load trusted files holding
+    their own classes), opts in to full unpickling (torch.load, with
+    pickle_module and pickle_load_args passed on). map_location
     as torch.load's: None/"cpu" (tensors load on the CPU), a device, a dict
     {"cpu": device}, or a callable (storage, "cpu") -> storage.
     """
     global last_load_stats
     del back_compat  # smp v1's old names are among the candidates already
     f = os.fspath(f)
+    if weights_only is None:
+        weights_only = not _unsafe_load_switch()
     if not weights_only:
         path, stats = _C.ckpt_resolve(f, partial=partial)
         t0 = time.perf_counter()
-        obj = torch.load(path, map_location=map_location, weights_only=False)
+        if pickle_module is not None:
+            pickle_load_args["pickle_module"] = pickle_module
+        obj = torch.load(path, map_location=map_location, weights_only=False, **pickle_load_args)
         stats["deserialize_seconds"] = time.perf_counter() - t0
         stats["seconds"] = stats["open_seconds"] + stats["deserialize_seconds"]
         last_load_stats = stats
@@ -185,12 +214,20 @@ def load(f, partial=True, map_location=None, weights_only=True, *, verify_checks
         path, stats = _C.ckpt_resolve(f, partial=partial)
         t0 = time.perf_counter()
         try:
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                obj = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as te:  # torch raises UnpicklingError for refused globals
+            why = next((ln.strip() for ln in str(te).splitlines()
+                        if "Unsupported global" in ln), None)
+            why = why or (str(te).splitlines()[0] if str(te) else type(te).__name__)
             raise CheckpointError(
                 f"smp.load('{f}') refused '{path}': {e}\ntorch.load(weights_only=True) refused it "
-                f"too: {str(te).splitlines()[0] if str(te) else type(te).__name__}\n"
-                "If you trust this file, load it with smp.load(..., weights_only=False)") from None
+                f"too: {why}\n"
+                "To load it safely, allow the classes it names with "
+                "torch.serialization.add_safe_globals([...]) (or the "
+                "torch.serialization.safe_globals([...]) context manager) before smp.load. "
+                "If you trust this file, load it with smp.load(..., weights_only=False), or set "
+                "SMP_UNSAFE_LOAD=1 in the job's environment (no script change)") from None
         stats["deserialize_seconds"] = time.perf_counter() - t0
         stats["seconds"] = stats["open_seconds"] + stats["deserialize_seconds"]
         last_load_stats = stats

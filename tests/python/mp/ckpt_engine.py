@@ -8,6 +8,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import torch
 
 import smp
@@ -139,6 +140,28 @@ smp.save({"thing": UserThing(5)}, fu, partial=True)
 smp.barrier()
 expect_error(lambda: smp.load(fu), "refused", "weights_only=False")
 assert smp.load(fu, weights_only=False)["thing"].v == 5
+# The error says both ways out: torch's allow-list and the no-edit switch.
+expect_error(lambda: smp.load(fu), "UserThing", "add_safe_globals", "SMP_UNSAFE_LOAD=1")
+# torch's own allow-list is honoured, as a context manager and globally.
+with torch.serialization.safe_globals([UserThing]):
+    assert smp.load(fu)["thing"].v == 5
+expect_error(lambda: smp.load(fu), "refused")  # the context ended
+# SMP_UNSAFE_LOAD=1: an unchanged v1 script's smp.load(f) unpickles fully;
+# an explicit weights_only=True still wins.
+os.environ["SMP_UNSAFE_LOAD"] = "1"
+assert smp.load(fu)["thing"].v == 5
+expect_error(lambda: smp.load(fu, weights_only=True), "refused")
+del os.environ["SMP_UNSAFE_LOAD"]
+# numpy scalars and arrays (and a plain dict like vars(args)) load safely.
+fn = os.path.join(D, "numpy")
+smp.save({"w": torch.ones(3), "loss": np.float64(0.25), "steps": np.int64(7),
+          "hist": np.arange(4, dtype=np.float32), "args": {"lr": 0.1, "name": "x"}},
+         fn, partial=True)
+smp.barrier()
+got = smp.load(fn)
+assert isinstance(got["loss"], np.float64) and got["loss"] == 0.25, got
+assert got["steps"] == 7 and np.array_equal(got["hist"], np.arange(4, dtype=np.float32)), got
+assert got["args"] == {"lr": 0.1, "name": "x"} and torch.equal(got["w"], torch.ones(3)), got
 
 # ---- 5. a malicious pickle is refused; the marker is never created ---------------
 marker = os.path.join(D, f"pwned_{r}")
