@@ -1,6 +1,10 @@
 """Checkpoint benchmark (not a test): smp.save / smp.load (partial) against
 per-rank torch.save / torch.load of the same state, on the same disk, each
-followed by fsync so that the numbers are durable ones.
+followed by fsync so that the numbers are durable ones, and against the disk's
+own ceilings measured in the same run: the same bytes written with pwrite from
+SMP_BENCH_THREADS threads (fsync'd) and read back with pread (page cache
+dropped with posix_fadvise where the kernel honours it). Peak host memory
+(VmHWM, reset before each operation) is reported per operation.
 
     mpirun -np 2 python tests/bench/checkpoint_bench.py            # 1 GB per rank
     SMP_BENCH_GB=0.25 SMP_BENCH_DIR=/tmp/b mpirun -np 2 python tests/bench/checkpoint_bench.py
@@ -9,7 +13,8 @@ followed by fsync so that the numbers are durable ones.
 Environment: SMP_BENCH_GB (GB per rank, default 1), SMP_BENCH_DIR (default: a new
 directory under the system temp dir; use the disk you checkpoint to),
 SMP_BENCH_REPEAT (default 2: the best of N is reported), SMP_BENCH_DEVICE
-(cuda when available, else cpu). Rank 0 prints a table; times are the slowest
+(cuda when available, else cpu), SMP_BENCH_THREADS (threads of the raw
+ceilings, default min(8, CPUs per rank)). Rank 0 prints a table; times are the slowest
 rank's (what a collective checkpoint costs).
 """
 
@@ -17,6 +22,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 
 import torch
@@ -47,15 +53,99 @@ def build_state(gb, device):
     return {"model": state, "step": 1, "meta": {"gb": gb}}, used
 
 
+def reset_peak_rss():
+    """Resets VmHWM (Linux >= 4.0); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def raw_chunks(nbytes, threads, chunk=64 << 20):
+    """[(offset, length)] of nbytes in chunks, dealt round-robin to threads."""
+    out = [[] for _ in range(threads)]
+    off, i = 0, 0
+    while off < nbytes:
+        n = min(chunk, nbytes - off)
+        out[i % threads].append((off, n))
+        off += n
+        i += 1
+    return out
+
+
+def raw_write(path, buf, threads):
+    """The write ceiling: buf's bytes to path with pwrite from `threads`
+    threads (os.pwrite releases the GIL), then one fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    mv = memoryview(buf)
+    try:
+        def work(chunks):
+            for off, n in chunks:
+                done = 0
+                while done < n:
+                    done += os.pwrite(fd, mv[off + done:off + n], off + done)
+        ts = [threading.Thread(target=work, args=(c,)) for c in raw_chunks(len(buf), threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def raw_read(path, buf, threads):
+    """The read ceiling: path's bytes into buf with preadv from `threads` threads."""
+    fd = os.open(path, os.O_RDONLY)
+    mv = memoryview(buf)
+    try:
+        def work(chunks):
+            for off, n in chunks:
+                done = 0
+                while done < n:
+                    got = os.preadv(fd, [mv[off + done:off + n]], off + done)
+                    if got <= 0:
+                        raise OSError(f"short read of {path} at {off + done}")
+                    done += got
+        ts = [threading.Thread(target=work, args=(c,)) for c in raw_chunks(len(buf), threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        os.close(fd)
+
+
 def slowest(seconds):
     return max(smp.allgather(seconds, smp.WORLD))
 
 
-def timed(fn):
+PEAKS = {}
+
+
+def timed(fn, name=None):
     smp.barrier()
+    measured = reset_peak_rss()
+    base = peak_rss_bytes()
     t0 = time.perf_counter()
     fn()
-    return slowest(time.perf_counter() - t0)
+    dt = slowest(time.perf_counter() - t0)
+    if name and measured:
+        PEAKS[name] = max(PEAKS.get(name, 0), max(smp.allgather(peak_rss_bytes() - base, smp.WORLD)))
+    return dt
 
 
 def run():
@@ -79,7 +169,13 @@ def run():
     r, pp, tp, rdp = smp.rank(), smp.pp_rank(), smp.tp_rank(), smp.rdp_rank()
     smp_f = os.path.join(base, "smp_ckpt")
     torch_f = os.path.join(base, f"torch_ckpt_{r}.pt")
-    results = {k: [] for k in ("smp.save", "torch.save", "smp.load", "torch.load")}
+    raw_f = os.path.join(base, f"raw_{r}.bin")
+    results = {k: [] for k in ("raw write", "smp.save", "torch.save",
+                               "raw read", "smp.load", "torch.load")}
+    local_ranks = max(1, smp.local_size())
+    threads = int(os.environ.get("SMP_BENCH_THREADS",
+                                 max(1, min(8, (os.cpu_count() or 2) // local_ranks))))
+    raw_buf = bytearray(nbytes)  # the same number of bytes as the state, in host memory
 
     def torch_save():
         torch.save(state, torch_f)
@@ -96,13 +192,18 @@ def run():
 
     for _ in range(repeat):
         # v3 so that every rank writes its own file, like the per-rank torch.save.
-        results["smp.save"].append(timed(lambda: smp.save(state, smp_f, partial=True, v3=True)))
-        results["torch.save"].append(timed(torch_save))
+        results["raw write"].append(timed(lambda: raw_write(raw_f, raw_buf, threads)))
+        results["smp.save"].append(timed(lambda: smp.save(state, smp_f, partial=True, v3=True),
+                                         "smp.save"))
+        results["torch.save"].append(timed(torch_save, "torch.save"))
+        drop_cache(raw_f)
         drop_cache(f"{smp_f}_{pp}_{tp}_{rdp}")
         drop_cache(torch_f)
-        results["smp.load"].append(timed(lambda: smp.load(smp_f, partial=True)))
+        results["raw read"].append(timed(lambda: raw_read(raw_f, raw_buf, threads)))
+        results["smp.load"].append(timed(lambda: smp.load(smp_f, partial=True), "smp.load"))
         results["torch.load"].append(
-            timed(lambda: torch.load(torch_f, map_location="cpu", weights_only=True)))
+            timed(lambda: torch.load(torch_f, map_location="cpu", weights_only=True),
+                  "torch.load"))
 
     loaded = smp.load(smp_f, partial=True)
     ok = all(torch.equal(loaded["model"][k], v.cpu()) for k, v in state["model"].items())
@@ -116,10 +217,21 @@ def run():
               f"python {platform.python_version()}, torch {torch.__version__}, smp "
               f"{smp.__version__}, device {device}, card {card}, dir {base}")
         print(f"# loaded state equals saved state on every rank: {ok}")
-        print(f"{'operation':<12} {'seconds':>9} {'GB/s total':>11} {'GB/s per rank':>14}")
-        for name, times in results.items():
-            best = min(times)
-            print(f"{name:<12} {best:9.3f} {total / best / 1e9:11.2f} {nbytes / best / 1e9:14.2f}")
+        print(f"# raw ceilings: pwrite/pread of the same bytes, {threads} threads per rank; "
+              "the page cache is dropped with posix_fadvise(DONTNEED) before reads (best "
+              "effort: a kernel may keep pages, then reads are cache speed)")
+        print(f"{'operation':<12} {'seconds':>9} {'GB/s total':>11} {'GB/s per rank':>14} "
+              f"{'x ceiling':>10} {'peak host MB':>13}")
+        best = {name: min(times) for name, times in results.items()}
+        for name in results:
+            ceiling = best["raw write"] if "save" in name else (
+                best["raw read"] if "load" in name else best[name])
+            peak = PEAKS.get(name)
+            print(f"{name:<12} {best[name]:9.3f} {total / best[name] / 1e9:11.2f} "
+                  f"{nbytes / best[name] / 1e9:14.2f} {ceiling / best[name]:10.2f} "
+                  f"{'-' if peak is None else f'{peak / 1e6:.0f}':>13}")
+        print(f"# smp.save / torch.save speed: {best['torch.save'] / best['smp.save']:.2f}x; "
+              f"smp.load / torch.load speed: {best['torch.load'] / best['smp.load']:.2f}x")
         s = smp.checkpoint.last_save_stats
         l = smp.checkpoint.last_load_stats
         print(f"# rank 0 phases, last smp.save: serialize {s['serialize_seconds']:.3f} s, write "
@@ -128,6 +240,8 @@ def run():
         print(f"# rank 0 phases, last smp.load: open/verify {l['open_seconds']:.3f} s, read "
               f"{l['read_seconds']:.3f} s, deserialize {l['deserialize_seconds']:.3f} s")
     smp.barrier()
+    if os.path.exists(raw_f):
+        os.unlink(raw_f)
     if r == 0 and made:
         shutil.rmtree(base, ignore_errors=True)
     smp.shutdown()
