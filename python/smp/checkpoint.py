@@ -19,6 +19,7 @@ import time
 import torch
 
 from smp import _C
+from smp import _reshard
 from smp._C import CheckpointError
 
 logger = logging.getLogger("smp.checkpoint")
@@ -73,7 +74,11 @@ def save(obj, f, partial=True, v3=None, pickle_module=None, pickle_protocol=2, *
         v3 = _default_v3() if partial else False
     stats = None
     if pickle_module is None or pickle_module.__name__ == "pickle":
-        stats = _C.ckpt_save(obj, f, partial=partial, v3=bool(v3), suffix=_suffix, timeout=timeout)
+        # ---- resharding: shard records of the state dicts in obj (smp/_reshard.py) ----
+        shards = _reshard.shard_records(obj) if partial else None
+        # ---- end resharding ----
+        stats = _C.ckpt_save(obj, f, partial=partial, v3=bool(v3), suffix=_suffix, timeout=timeout,
+                             shards=shards)
         if isinstance(stats, tuple):
             where, what = stats
             logger.warning(
@@ -175,6 +180,12 @@ def load(f, partial=True, map_location=None, weights_only=True, *, verify_checks
         stats["seconds"] = stats["open_seconds"] + stats["deserialize_seconds"]
         last_load_stats = stats
         return obj
+    # ---- resharding: a partial checkpoint saved on another layout (smp/_reshard.py) ----
+    if partial and _reshard.layout_differs(f):
+        obj, stats = _reshard.load_resharded(f)
+        last_load_stats = stats
+        return _apply_map_location(obj, map_location, {})
+    # ---- end resharding ----
     try:
         obj, stats = _C.ckpt_load(f, partial=partial, verify_checksums=verify_checksums)
     except CheckpointError as e:
@@ -195,6 +206,12 @@ def load(f, partial=True, map_location=None, weights_only=True, *, verify_checks
         stats["seconds"] = stats["open_seconds"] + stats["deserialize_seconds"]
         last_load_stats = stats
         return obj
+    # ---- resharding: sharded optimizer state saved per owner, loaded unsharded ----
+    if partial and _reshard.holds_partial_owned_state(obj):
+        obj, stats = _reshard.load_resharded(f)
+        last_load_stats = stats
+        return _apply_map_location(obj, map_location, {})
+    # ---- end resharding ----
     t0 = time.perf_counter()
     obj = _apply_map_location(obj, map_location, {})
     stats["deserialize_seconds"] += time.perf_counter() - t0
