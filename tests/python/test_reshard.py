@@ -95,5 +95,10 @@ def test_full_matrix(tmp_path_factory, case):
     # rdp fills 4 ranks when sharding (so that shard_optimizer_state matters).
     srdp = 4 // (spp * stp) if shard_save else 1
     lrdp = 4 // (lpp * ltp) if shard_load else 1
-    d = _save(tmp_path_factory, "full", spp, stp, srdp, shard_save, opt)
-    _load(d, lpp, ltp, lrdp, shard_load, opt)
+    key = (spp, stp, srdp, shard_save, opt)
+    if key not in _SAVED:
+        _SAVED[key] = _save(tmp_path_factory, "full", spp, stp, srdp, shard_save, opt)
+    _load(_SAVED[key], lpp, ltp, lrdp, shard_load, opt)
+
+
+_SAVED = {}  # saved checkpoints of the full matrix, shared by its cases
