@@ -60,6 +60,16 @@ def test_sgd_sharded_to(sgd_tp2rdp2_sharded, layout):
     _load(sgd_tp2rdp2_sharded, *layout, "sgd")
 
 
+def test_resume_from_checkpoint_across_layouts(adam_pp2tp2, sgd_tp2rdp2_sharded):
+    """smp.save_checkpoint on one layout, smp.resume_from_checkpoint on another."""
+    for d, layout, opt in ((adam_pp2tp2, (1, 4, 1, False), "adam"),
+                           (sgd_tp2rdp2_sharded, (2, 2, 1, False), "sgd")):
+        pp, tp, rdp, shard = layout
+        out = run_mpi(pp * tp * rdp, "reshard.py", "load", d, pp, tp, int(shard), opt, "resume",
+                      timeout=TIMEOUT)
+        assert out.stdout.count("reshard OK") == pp * tp * rdp, out.stdout[-4000:]
+
+
 def test_tp2_to_tp4_uneven(tmp_path_factory):
     # Embedding rows 11, columns 5 and Linear inputs 10: uneven under tp 4.
     d = _save(tmp_path_factory, "adam_tp2", 1, 2, 1, False, "adam")

@@ -25,6 +25,9 @@ import smp
 
 MODE, DIR = sys.argv[1], sys.argv[2]
 PP, TP, SHARD, OPT = int(sys.argv[3]), int(sys.argv[4]), bool(int(sys.argv[5])), sys.argv[6]
+# load: smp.load + load_state_dict; resume: smp.resume_from_checkpoint of the
+# smp.save_checkpoint the save mode also writes.
+API = sys.argv[7] if len(sys.argv) > 7 else "load"
 VOCAB, CLASSES, SEQ, GLOBAL_BATCH = 11, 3, 3, 8
 CKPT = os.path.join(DIR, "ckpt.pt")
 REF = os.path.join(DIR, f"ref_{OPT}.pt")
@@ -148,6 +151,8 @@ def main():
                       "epoch": 7},
                      CKPT, partial=True)
         smp.barrier()
+        smp.save_checkpoint(os.path.join(DIR, "sc"), "t", partial=True, model=model,
+                            optimizer=optimizer, user_content={"epoch": 7})
         before, opt_before = full_model(model), full_optimizer(optimizer)
         step(model, optimizer, 3)
         after = full_model(model)
@@ -158,6 +163,10 @@ def main():
     else:
         ref = torch.load(REF, weights_only=True)
         model, optimizer = build(seed=1)
+    if MODE == "load" and API == "resume":
+        uc = smp.resume_from_checkpoint(os.path.join(DIR, "sc"), tag="t")
+        check(uc == {"epoch": 7}, f"user content {uc!r}")
+    elif MODE == "load":
         ckpt = smp.load(CKPT, partial=True)
         check(ckpt["epoch"] == 7, f"user entry epoch: {ckpt['epoch']!r}")
         if ref["layout"] != layout_name():
@@ -171,6 +180,7 @@ def main():
                 check(False, "same_partition_load=True on a changed layout did not raise")
         model.load_state_dict(ckpt["model_state_dict"], same_partition_load=False)
         optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+    if MODE == "load":
         loaded, opt_loaded = full_model(model), full_optimizer(optimizer)
         if smp.rank() == 0:
             check(loaded.keys() == ref["before"].keys(), "model keys")
