@@ -19,6 +19,7 @@ import time
 import torch
 
 from smp import _C
+from smp import _reshard
 from smp._C import CheckpointError
 
 logger = logging.getLogger("smp.checkpoint")
@@ -73,7 +74,11 @@ def save(obj, f, partial=True, v3=None, pickle_module=None, pickle_protocol=2, *
         v3 = _default_v3() if partial else False
     stats = None
     if pickle_module is None or pickle_module.__name__ == "pickle":
-        stats = _C.ckpt_save(obj, f, partial=partial, v3=bool(v3), suffix=_suffix, timeout=timeout)
+        # ---- resharding: shard records of the state dicts in obj (smp/_reshard.py) ----
+        shards = _reshard.shard_records(obj) if partial else None
+        # ---- end resharding ----
+        stats = _C.ckpt_save(obj, f, partial=partial, v3=bool(v3), suffix=_suffix, timeout=timeout,
+                             shards=shards)
         if isinstance(stats, tuple):
             where, what = stats
             logger.warning(
@@ -175,8 +180,12 @@ def load(f, partial=True, map_location=None, weights_only=None, *, verify_checks
 
     partial=True: this rank's part, ``<f>_<pp>_<tp>_<rdp>`` or ``<f>_<pp>_<tp>``
     (also with ".pt" after the ranks, and with f's ".pt" added or removed),
-    checked against the manifest: an incomplete or mixed checkpoint, a missing
-    part or another pp/tp layout raise smp.CheckpointError.
+    checked against the manifest: an incomplete or mixed checkpoint or a missing
+    part raise smp.CheckpointError. A checkpoint saved on another layout (pp/tp
+    degrees; rdp degree with sharded optimizer state; owner-only optimizer
+    state loaded without sharding) is resharded: the result is this rank's
+    state for the current smp.DistributedModel / DistributedOptimizer, read by
+    byte ranges from the parts that hold it (docs/api.md, "Resharding").
     weights_only=True (the default) never runs code from the file: tensors,
     containers, primitives, numpy scalars and arrays, and what torch.load's
     own allow-list admits (torch.serialization.add_safe_globals or the
@@ -204,6 +213,12 @@ def load(f, partial=True, map_location=None, weights_only=None, *, verify_checks
         stats["seconds"] = stats["open_seconds"] + stats["deserialize_seconds"]
         last_load_stats = stats
         return obj
+    # ---- resharding: a partial checkpoint saved on another layout (smp/_reshard.py) ----
+    if partial and _reshard.layout_differs(f):
+        obj, stats = _reshard.load_resharded(f)
+        last_load_stats = stats
+        return _apply_map_location(obj, map_location, {})
+    # ---- end resharding ----
     try:
         obj, stats = _C.ckpt_load(f, partial=partial, verify_checksums=verify_checksums)
     except CheckpointError as e:
@@ -232,6 +247,12 @@ def load(f, partial=True, map_location=None, weights_only=None, *, verify_checks
         stats["seconds"] = stats["open_seconds"] + stats["deserialize_seconds"]
         last_load_stats = stats
         return obj
+    # ---- resharding: sharded optimizer state saved per owner, loaded unsharded ----
+    if partial and _reshard.holds_partial_owned_state(obj):
+        obj, stats = _reshard.load_resharded(f)
+        last_load_stats = stats
+        return _apply_map_location(obj, map_location, {})
+    # ---- end resharding ----
     t0 = time.perf_counter()
     obj = _apply_map_location(obj, map_location, {})
     stats["deserialize_seconds"] += time.perf_counter() - t0
@@ -385,8 +406,10 @@ def resume_from_checkpoint(path, tag=None, partial=True, strict=True, load_optim
     tag=None (partial only) reads the last line of path/newest. A partial
     checkpoint loads with model.load_state_dict(sd, strict=strict,
     same_partition_load=True) when its smp_config.pt has this job's pp/tp
-    degrees (a different layout raises smp.CheckpointError: resharding is a later
-    feature); a full one with model.load_state_dict(sd, strict=strict).
+    degrees; on another layout smp.load reshards the model and optimizer state
+    for this job's smp.DistributedModel / DistributedOptimizer (docs/api.md,
+    "Resharding") and the model loads with same_partition_load=False; a full
+    one with model.load_state_dict(sd, strict=strict).
     """
     from smp._objects import barrier
 
@@ -419,18 +442,21 @@ def resume_from_checkpoint(path, tag=None, partial=True, strict=True, load_optim
             raise CheckpointError(f"smp.resume_from_checkpoint: checkpoint folder '{folder}' "
                                   "does not exist; check path and tag")
         cfg_file = os.path.join(folder, "smp_config.pt")
+        # ---- resharding: another pp/tp layout loads through smp.load's resharding ----
+        same_layout = True
         if os.path.isfile(cfg_file):
             cfg = load(cfg_file, partial=False)
             saved = (cfg.get("pp_size"), cfg.get("tp_size"))
-            if saved != (_C.pp_size(), _C.tp_size()):
-                raise CheckpointError(
-                    f"smp.resume_from_checkpoint: '{folder}' was saved with pipeline/tensor "
-                    f"parallel degrees {saved} but this job has ({_C.pp_size()}, {_C.tp_size()}); "
-                    "resharding a partial checkpoint is not supported yet; resume with the saved "
-                    "degrees or from a full checkpoint")
+            same_layout = saved == (_C.pp_size(), _C.tp_size())
+            if not same_layout:
+                logger.info("smp.resume_from_checkpoint: '%s' was saved with pp/tp degrees %s, "
+                            "this job has (%d, %d): resharding", folder, saved, _C.pp_size(),
+                            _C.tp_size())
         if model is not None:
             sd = load(os.path.join(folder, "model"), partial=True)
-            model.load_state_dict(sd, strict=strict, same_partition_load=True)
+            model.load_state_dict(sd, strict=strict, same_partition_load=same_layout and
+                                  _reshard.RESHARDED_KEY not in sd)
+        # ---- end resharding ----
         if load_optimizer and optimizer is not None:
             osd = load(os.path.join(folder, "optimizer_states"), partial=True)
             optimizer.load_state_dict(osd)

@@ -668,6 +668,15 @@ class DistributedModel(torch.nn.Module):
         raise smp.ConfigError listing missing and unexpected keys."""
         sd = dict(state_dict)
         partial = bool(sd.pop("_smp_is_partial", False))
+        # ---- resharding: smp.load(partial=True) built this dict for this layout ----
+        resharded_from = sd.pop("_smp_resharded_from", None)
+        if resharded_from is not None and same_partition_load:
+            raise _C.CheckpointError(
+                f"smp.DistributedModel.load_state_dict(same_partition_load=True): the state dict "
+                f"was saved with {resharded_from} but this job has pp_size {_C.pp_size()}, "
+                f"tp_size {_C.tp_size()}, rdp_size {_C.rdp_size()}; smp.load resharded it for "
+                "this layout: load it with same_partition_load=False")
+        # ---- end resharding ----
         if partial:
             expected = collections.OrderedDict(
                 (k, None) for k in self._net.state_dict(keep_vars=True) if self._is_local(k))

@@ -9,6 +9,11 @@
 #include "smp/comm/types.h"
 #include "smp/core/config.h"
 
+namespace smp::ckpt {
+class Value;
+struct SaveOptions;
+}  // namespace smp::ckpt
+
 namespace smp::python {
 
 /// errors.cc: the Python exception classes and the one translator of smp::Error.
@@ -23,6 +28,13 @@ void bind_comm(pybind11::module_& m);
 void bind_nn(pybind11::module_& m);
 /// checkpoint.cc: smp.save / smp.load engine, save sessions, object conversion.
 void bind_checkpoint(pybind11::module_& m);
+/// reshard.cc: smp._C.ReshardSource (loading a partial checkpoint on another layout).
+void bind_reshard(pybind11::module_& m);
+/// reshard.cc: attaches the shard records `shards` ([(key path, full name,
+/// global_shape, split_dim, num_shards, shard_index)], or None) to the tensor
+/// leaves of `root` and their names to the index info of the file written.
+void annotate_shards(ckpt::Value& root, const pybind11::handle& shards,
+                     ckpt::SaveOptions& options);
 /// model.cc: GradReducer, partition_params, broadcast_from_owners.
 void bind_model(pybind11::module_& m);
 /// pipeline.cc: smp._C.pipeline, the pipeline schedules.

@@ -194,14 +194,17 @@ void bind_checkpoint(py::module_& m) {
       "ckpt_save",
       [](const py::object& obj, const std::string& f, bool partial, bool v3,
          const std::string& suffix, std::optional<double> timeout_s, bool fsync,
-         int threads) -> py::object {
+         int threads, const py::object& shards) -> py::object {
         Value v;
         try {
           v = to_value(obj, "");
         } catch (const Unsupported& u) {
           return py::make_tuple(u.path, u.type);
         }
-        const auto opts = save_options(partial, v3, suffix, timeout_s, fsync, threads);
+        auto opts = save_options(partial, v3, suffix, timeout_s, fsync, threads);
+        // ---- resharding: shard records (python/src/reshard.cc) ----
+        annotate_shards(v, shards, opts);
+        // ---- end resharding ----
         ckpt::SaveStats st;
         {
           py::gil_scoped_release release;
@@ -211,7 +214,7 @@ void bind_checkpoint(py::module_& m) {
       },
       py::arg("obj"), py::arg("f"), py::arg("partial") = true, py::arg("v3") = false,
       py::arg("suffix") = "", py::arg("timeout") = py::none(), py::arg("fsync") = true,
-      py::arg("threads") = 4,
+      py::arg("threads") = 4, py::arg("shards") = py::none(),
       R"doc(Saves `obj` in smp's format with the commit protocol; returns the stats
 dict, or (key path, type) of the first leaf smp's format does not hold (nothing
 is written then: the caller falls back to SaveSession + torch.save).)doc");

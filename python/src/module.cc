@@ -11,6 +11,7 @@ PYBIND11_MODULE(_C, m) {
   smp::python::bind_comm(m);
   smp::python::bind_nn(m);
   smp::python::bind_checkpoint(m);
+  smp::python::bind_reshard(m);
   smp::python::bind_model(m);
   smp::python::bind_pipeline(m);
 }
