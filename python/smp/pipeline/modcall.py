@@ -63,7 +63,7 @@ def pipeline_mode():
     mode = os.environ.get(_MODE_ENV, "auto").strip().lower() or "auto"
     if mode not in ("auto", "module", "fx"):
         raise _C.ConfigError(
-            f"{_MODE_ENV}={mode!r} on rank {_C.rank()}: use 'auto' (fx chain when the model "
+            f"{_MODE_ENV}={mode!r}: use 'auto' (fx chain when the model "
             "traces as a chain, module-level otherwise), 'module' or 'fx'")
     return mode
 
@@ -200,28 +200,24 @@ class ModulePlan:
             units = _tie_units(_auto_units(root, num_stages))
         else:
             units = _manual_units(root, num_stages, default_partition)
-            self._check_manual_ties(root, units)
         self.units = units
         self.num_stages = num_stages
         self._stage = {n: s for n, _, s in units}
+        if not auto_partition:
+            self._check_ties(root)
 
-    @staticmethod
-    def _check_manual_ties(root, units):
-        stage_of = {}
-        for name, m, s in units:
-            for pn, t in m.named_parameters(remove_duplicate=False):
-                stage_of.setdefault(id(t), []).append((_join(name, pn), s))
-        staged = {id(t) for _, m, _ in units for t in m.parameters()}
-        for pn, t in root.named_parameters(remove_duplicate=False):
-            if id(t) in staged:
-                stage_of[id(t)].append((pn, None))
-        for uses in stage_of.values():
-            stages = {s if s is not None else 0 for _, s in uses}
+    def _check_ties(self, root):
+        uses = {}
+        for name, t in list(root.named_parameters(remove_duplicate=False)) + \
+                list(root.named_buffers(remove_duplicate=False)):
+            uses.setdefault(id(t), []).append((name, self.stage_of(name)))
+        for names in uses.values():
+            stages = sorted({s for _, s in names})
             if len(stages) > 1:
                 raise _C.NotSupportedError(
-                    f"manual partitioning: the tied parameter {[n for n, _ in uses]} is used "
-                    f"on stages {sorted(stages)}; a tied parameter has one owner: place the "
-                    "modules sharing it on the same stage")
+                    f"manual partitioning: the tied parameter {[n for n, _ in names]} is used "
+                    f"on stages {stages}; a tied parameter has one owner: place the modules "
+                    "sharing it on the same stage (smp.set_partition)")
 
     def stage_of(self, name):
         """Stage of the module, parameter or buffer ``name`` (0 for the skeleton)."""

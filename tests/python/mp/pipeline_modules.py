@@ -68,8 +68,12 @@ class Toy(torch.nn.Module):
 
 def build(kind):
     torch.manual_seed(1234)
-    if kind == "toy":
+    if kind in ("toy", "manual"):
         return Toy()
+    if kind == "seq":   # a chain: module-level only when forced (SMP_PIPELINE_MODE)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                                   torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                                   torch.nn.Linear(16, 3))
     if kind == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -89,7 +93,9 @@ def build(kind):
 
 def batch(kind, step, size=8):
     g = torch.Generator().manual_seed(100 + step)
-    if kind == "toy":
+    if kind == "seq":
+        return {"input": torch.randn(size, 8, generator=g)}
+    if kind in ("toy", "manual"):
         x = torch.randn(size, 8, generator=g)
         x[:, 0] = 1.0 if step % 2 == 0 else -1.0
         return {"x": x,
@@ -102,13 +108,57 @@ def batch(kind, step, size=8):
 
 
 def loss_of(out):
+    if isinstance(out, torch.Tensor):    # seq: a loss of the logits
+        return (out ** 2).mean()
     return out["loss"] if isinstance(out, dict) or hasattr(out, "keys") else out[0]
+
+
+def errors():
+    """A module failing on stage 1 fails the step on every stage, naming the
+    module and the stage; the model outside smp.step is refused."""
+    smp.init({"pipeline_parallel_degree": 2, "microbatches": 2})
+    model = smp.DistributedModel(build("toy"))
+    remote = [n for n, s in model._pipe.stage_assignment().items() if s == 1][0]
+    if smp.pp_rank() == 1:
+        def boom(*args, **kwargs):
+            raise ValueError("boom in " + remote)
+        model.get_module().get_submodule(remote).forward = boom
+
+    @smp.step
+    def train_step(model, inputs):
+        out = model(**inputs)
+        model.backward(out["loss"])
+        return out["loss"]
+
+    try:
+        train_step(model, batch("toy", 0))
+        raise SystemExit("no error")
+    except smp.NotSupportedError as e:      # stage 0
+        assert smp.pp_rank() == 0
+        for part in (f"module '{remote}'", "pipeline stage 1", "failed there",
+                     "ValueError: boom in"):
+            assert part in str(e), (part, str(e))
+    except smp.StateError as e:             # stage 1
+        assert smp.pp_rank() == 1
+        assert "the step failed on pipeline stage 0" in str(e), str(e)
+    try:
+        model(**batch("toy", 0))
+        raise SystemExit("no error")
+    except smp.StateError as e:
+        assert "outside smp.step" in str(e) or "only stage 0" in str(e), str(e)
+    print(f"pipeline_modules OK {smp.rank()}", flush=True)
+    smp.shutdown()
 
 
 def main():
     kind, pp = sys.argv[1], int(sys.argv[2])
     mbs = int(sys.argv[3]) if len(sys.argv) > 3 else 2
-    smp.init({"pipeline_parallel_degree": pp, "microbatches": mbs})
+    if kind == "errors":
+        return errors()
+    cfg = {"pipeline_parallel_degree": pp, "microbatches": mbs, "ddp": True}
+    if kind == "manual":
+        cfg.update(auto_partition=False, default_partition=0)
+    smp.init(cfg)
     rdp, rdp_rank = smp.rdp_size(), smp.rdp_rank()
 
     plain = build(kind)
@@ -116,7 +166,14 @@ def main():
     if kind == "gpt2":
         # deepcopy keeps the tie; check it so the test covers tied embeddings
         assert net.lm_head.weight is net.transformer.wte.weight
+    if kind == "manual":
+        # the child called twice and the last layer on stage 1, the rest on 0
+        smp.set_partition(net.twice, 1)
+        smp.set_partition(net.layers[2], 1)
     model = smp.DistributedModel(net)
+    if kind == "manual":
+        assert model._pipe.stage_assignment() == {"layers.2": 1, "twice": 1}, \
+            model._pipe.stage_assignment()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     ref_opt = torch.optim.SGD(plain.parameters(), lr=LR)
 
@@ -145,7 +202,21 @@ def main():
         got = float(t) / rdp
         assert abs(got - float(ref.detach())) < ATOL, (step, got, float(ref))
 
-    assert smp.pipeline.last_step_stats()["schedule"] == "module-simple", smp.pipeline.last_step_stats()
+    assert smp.pipeline.last_step_stats()["schedule"] == "module-simple", \
+        smp.pipeline.last_step_stats()
+
+    # evaluation in a step: no_grad, no model.backward
+    @smp.step
+    def eval_step(model, inputs):
+        with torch.no_grad():
+            out = model(**inputs)
+        return loss_of(out)
+
+    full = batch(kind, STEPS)
+    got = eval_step(model, full).reduce_mean()
+    with torch.no_grad():
+        ref = loss_of(plain(**full))
+    assert abs(float(got) - float(ref)) < ATOL, ("eval", float(got), float(ref))
     sd = model.state_dict()
     if smp.rank() == 0:
         ref_sd = plain.state_dict()
