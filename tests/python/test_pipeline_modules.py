@@ -154,3 +154,11 @@ def test_gpt2_pp2_rdp2():
 @pytest.mark.mpi
 def test_bert_pp2():
     _train(2, "bert", 2)
+
+
+@needs_transformers
+@pytest.mark.mpi
+def test_gpt2_pp2_checkpoint_flow(tmp_path):
+    """Partial save and resume equal to uninterrupted training; the full state
+    dict loads into the plain GPT2LMHeadModel (strict, tie kept)."""
+    _train(2, "checkpoint", tmp_path)

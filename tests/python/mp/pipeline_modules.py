@@ -2,10 +2,13 @@
 global batch: per-step losses and the gathered parameters equal (atol 1e-5).
 
     mpirun -np N python3 pipeline_modules.py MODEL PP [MICROBATCHES]
+    mpirun -np 2 python3 pipeline_modules.py checkpoint DIR    # save/load flow
+    mpirun -np 2 python3 pipeline_modules.py errors 2
 
 MODEL: toy (data-dependent control flow, a child called twice, keyword
 inputs, a dict output), gpt2 (GPT2LMHeadModel, tied embeddings, labels),
-bert (BertForMaskedLM, tied embeddings, attention mask). N = PP x rdp; with
+bert (BertForMaskedLM, tied embeddings, attention mask), manual (toy with
+smp.set_partition), seq (a Sequential; run with SMP_PIPELINE_MODE=module). N = PP x rdp; with
 rdp > 1 each rdp rank takes its share of the global batch.
 Prints "pipeline_modules OK <rank>" on success.
 """
@@ -150,7 +153,78 @@ def errors():
     smp.shutdown()
 
 
+def checkpoint_flow(directory):
+    """The seed's save/load flow on GPT-2 at pp 2: partial save (model and
+    DistributedOptimizer state), resume in a differently initialised model
+    equal to uninterrupted training, a full state dict loadable by the plain
+    Hugging Face model (strict) with the same loss."""
+    import os
+
+    def setup(seed):
+        smp.init({"pipeline_parallel_degree": 2, "microbatches": 2, "ddp": True})
+        net = build("gpt2")
+        if seed:
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.normal_()
+        model = smp.DistributedModel(net)
+        opt = smp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR,
+                                                       momentum=0.9))
+        return model, opt
+
+    @smp.step
+    def train_step(model, inputs):
+        out = model(**inputs)
+        model.backward(out["loss"])
+        return out["loss"]
+
+    def step(model, opt, i):
+        opt.zero_grad()
+        loss = float(train_step(model, batch("gpt2", i)).reduce_mean())
+        opt.step()
+        return loss
+
+    model, opt = setup(0)
+    for i in range(2):
+        step(model, opt, i)
+    ckpt = os.path.join(directory, "gpt2.pt")
+    smp.save({"model_state_dict": model.local_state_dict(),
+              "optimizer_state_dict": opt.local_state_dict()}, ckpt, partial=True)
+    smp.barrier()
+    expected = [step(model, opt, i) for i in range(2, 4)]
+    smp.shutdown()
+
+    model, opt = setup(777)
+    checkpoint = smp.load(ckpt, partial=True)
+    model.load_state_dict(checkpoint["model_state_dict"], same_partition_load=True)
+    opt.load_state_dict(checkpoint["optimizer_state_dict"])
+    resumed = [step(model, opt, i) for i in range(2, 4)]
+    assert resumed == expected, (resumed, expected)
+
+    full = os.path.join(directory, "gpt2_full.pt")
+    sd = model.state_dict(gather_to_rank0=True)
+    if smp.rank() == 0:
+        smp.save({"model_state_dict": sd}, full, partial=False)
+    smp.barrier()
+    if smp.rank() == 0:
+        plain = build("gpt2")
+        plain.load_state_dict(torch.load(full, weights_only=True)["model_state_dict"],
+                              strict=True)
+        assert plain.lm_head.weight is plain.transformer.wte.weight
+    # the next step's loss, distributed and plain
+    got = float(train_step(model, batch("gpt2", 4)).reduce_mean())
+    if smp.rank() == 0:
+        with torch.no_grad():
+            ref = float(plain(**batch("gpt2", 4))["loss"])
+        assert abs(got - ref) < ATOL, (got, ref)
+    print(f"pipeline_modules OK {smp.rank()}", flush=True)
+    smp.shutdown()
+
+
 def main():
+    if sys.argv[1] == "checkpoint":
+        return checkpoint_flow(sys.argv[2])
     kind, pp = sys.argv[1], int(sys.argv[2])
     mbs = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     if kind == "errors":
