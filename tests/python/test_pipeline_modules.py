@@ -162,3 +162,11 @@ def test_gpt2_pp2_checkpoint_flow(tmp_path):
     """Partial save and resume equal to uninterrupted training; the full state
     dict loads into the plain GPT2LMHeadModel (strict, tie kept)."""
     _train(2, "checkpoint", tmp_path)
+
+
+@needs_transformers
+@pytest.mark.mpi
+def test_bert_pp4():
+    """Layers larger than a stage's share are split into their children."""
+    out = _train(4, "bert", 4)
+    assert "'bert.encoder.layer.0.attention': 1" in out, out
