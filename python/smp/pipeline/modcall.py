@@ -185,7 +185,7 @@ def _tie_units(units):
         for t in list(m.parameters()) + list(m.buffers()):
             first = owner.get(id(t))
             if first is not None:
-                stage = first[1] if stage != first[1] else stage
+                stage = first[1]
         for t in list(m.parameters()) + list(m.buffers()):
             owner.setdefault(id(t), (name, stage))
         out.append((name, m, stage))
