@@ -97,6 +97,9 @@ smp_prepare() (
   python3 -c 'import numpy' >/dev/null 2>&1 || pymissing+=(numpy)
   python3 -c 'import pytest' >/dev/null 2>&1 || pymissing+=(pytest)
   python3 -c 'import pytest_timeout' >/dev/null 2>&1 || pymissing+=(pytest-timeout)
+  # Optional test extra: the module-level pipeline tests on Hugging Face models
+  # (tests/python/test_pipeline_modules.py skip them without it).
+  python3 -c 'import transformers' >/dev/null 2>&1 || pymissing+=(transformers)
   python3 -c 'import scikit_build_core' >/dev/null 2>&1 || pymissing+=(scikit-build-core)
   if [ ${#pymissing[@]} -gt 0 ]; then
     smp_step "pip install ${pymissing[*]}"

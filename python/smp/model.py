@@ -304,8 +304,14 @@ class DistributedModel(torch.nn.Module):
             if _C.pp_size() > 1:
                 from smp.pipeline.module import PipelineModule
 
-                object.__setattr__(self, "_pipe_impl", PipelineModule(self._net))
-                self._check_every_tensor_has_a_stage({n for n, _, _ in self._pipe_impl.plan})
+                if getattr(self, "_smp_module_pipeline", False):  # module-level hook
+                    from smp.pipeline.modcall import ModulePipeline
+
+                    object.__setattr__(self, "_pipe_impl", ModulePipeline(self._net))
+                else:
+                    object.__setattr__(self, "_pipe_impl", PipelineModule(self._net))
+                    self._check_every_tensor_has_a_stage(
+                        {n for n, _, _ in self._pipe_impl.plan})
             self._build_reducer()
             self._release_other_stages()
             self._partitioned = True
@@ -318,6 +324,13 @@ class DistributedModel(torch.nn.Module):
         and every parameter and buffer is in a module the chain calls."""
         from smp.pipeline.partition import trace_chain
 
+        # -- module-level pipeline hook (smp.pipeline.modcall) --
+        from smp.pipeline import modcall
+
+        if modcall.use_module_pipeline(self._net):
+            object.__setattr__(self, "_smp_module_pipeline", True)
+            return
+        # -- end hook --
         order, _ = trace_chain(self._net)
         self._check_every_tensor_has_a_stage(set(order))
 
@@ -408,6 +421,9 @@ class DistributedModel(torch.nn.Module):
         this stage's modules are kept."""
         pipe = self._pipe_impl
         if pipe is None:
+            return
+        if hasattr(pipe, "release_other_stages"):  # module-level pipeline hook
+            pipe.release_other_stages()
             return
         keep = set()
         for _, child in pipe._local:
@@ -546,6 +562,8 @@ class DistributedModel(torch.nn.Module):
         """True when state-dict entry ``name`` belongs to this rank's pipeline stage."""
         if self._pipe is None:
             return True
+        if hasattr(self._pipe, "is_local_name"):  # module-level pipeline hook
+            return self._pipe.is_local_name(name)
         return name.split(".", 1)[0] in self._pipe.local_names
 
     def register_post_partition_hook(self, hook):

@@ -292,6 +292,10 @@ def run_step(fn, model, pieces, prepare=None):
     with share_results)."""
     global _current, _last_stats
 
+    if getattr(model, "_smp_module_pipeline", False):  # module-level pipeline hook
+        from smp.pipeline import modcall
+
+        return modcall.run_step(fn, model, pieces, prepare)
     _call_hook(model, "_smp_begin_step")
     n = len(pieces)
     stages, stage = _C.pp_size(), _C.pp_rank()
