@@ -133,13 +133,15 @@ def main():
             rows += mpirun(np, "load", d, pp, tp)
         base = min(r["seconds"] for r in rows if r["layout"].startswith("pp2 x tp2"))
         print(f"{'layout':<22}{'device':<8}{'load s':>10}{'ratio':>8}{'peak MB':>10}"
-              f"{'state MB':>10}")
+              f"{'state MB':>10}{'MB/s':>10}")
         for r in rows:
             print(f"{r['layout']:<22}{r['device']:<8}{r['seconds']:>10.3f}"
                   f"{r['seconds'] / base:>8.2f}{r['peak_growth_max'] / 1e6:>10.1f}"
-                  f"{r['state_bytes_max'] / 1e6:>10.1f}")
+                  f"{r['state_bytes_max'] / 1e6:>10.1f}"
+                  f"{r['state_bytes_max'] / 1e6 / r['seconds']:>10.1f}")
         print("(the same-layout rows are pp2 x tp2; ratio = load time / best same-layout time; "
-              "peak MB = largest per-rank RSS growth during smp.load + load_state_dict)")
+              "peak MB = largest per-rank RSS growth during smp.load + load_state_dict; state MB = "
+              "largest per-rank parameters + Adam moments; MB/s = state MB / load s)")
     finally:
         if not os.environ.get("SMP_BENCH_DIR"):
             shutil.rmtree(d, ignore_errors=True)
