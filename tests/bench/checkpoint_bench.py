@@ -86,47 +86,49 @@ def raw_chunks(nbytes, threads, chunk=64 << 20):
     return out
 
 
-def raw_write(path, buf, threads):
-    """The write ceiling: buf's bytes to path with pwrite from `threads`
-    threads (os.pwrite releases the GIL), then one fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+def _parallel_io(path, buf, threads, flags, io):
+    """Moves buf's bytes to or from path in chunks from `threads` threads;
+    io(fd, view, offset) -> bytes moved (os.pwrite / os.preadv release the
+    GIL). The first error of any thread is raised here."""
+    fd = os.open(path, flags, 0o644)
     mv = memoryview(buf)
-    try:
-        def work(chunks):
+    errors = []
+
+    def work(chunks):
+        try:
             for off, n in chunks:
                 done = 0
                 while done < n:
-                    done += os.pwrite(fd, mv[off + done:off + n], off + done)
+                    got = io(fd, mv[off + done:off + n], off + done)
+                    if got <= 0:
+                        raise OSError(f"no progress on {path} at byte {off + done}")
+                    done += got
+        except OSError as e:
+            errors.append(e)
+
+    try:
         ts = [threading.Thread(target=work, args=(c,)) for c in raw_chunks(len(buf), threads)]
         for t in ts:
             t.start()
         for t in ts:
             t.join()
-        os.fsync(fd)
+        if errors:
+            raise errors[0]
+        if flags & os.O_WRONLY:
+            os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def raw_write(path, buf, threads):
+    """The write ceiling: buf's bytes to path with pwrite, then one fsync."""
+    _parallel_io(path, buf, threads, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, os.pwrite)
 
 
 def raw_read(path, buf, threads):
-    """The read ceiling: path's bytes into buf with preadv from `threads` threads."""
-    fd = os.open(path, os.O_RDONLY)
-    mv = memoryview(buf)
-    try:
-        def work(chunks):
-            for off, n in chunks:
-                done = 0
-                while done < n:
-                    got = os.preadv(fd, [mv[off + done:off + n]], off + done)
-                    if got <= 0:
-                        raise OSError(f"short read of {path} at {off + done}")
-                    done += got
-        ts = [threading.Thread(target=work, args=(c,)) for c in raw_chunks(len(buf), threads)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-    finally:
-        os.close(fd)
+    """The read ceiling: path's bytes into buf with preadv."""
+    _parallel_io(path, buf, threads, os.O_RDONLY,
+                 lambda fd, view, off: os.preadv(fd, [view], off))
 
 
 def slowest(seconds):
