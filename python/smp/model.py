@@ -75,30 +75,25 @@ import weakref
 
 import torch
 
-from smp import _C, _objects, comm, tp
+from smp import _C, _objects, _runtime, _state, comm, tp
+from smp.pipeline import engine
+from smp.pipeline.module import PipelineModule
+from smp.pipeline.partition import trace_chain
 from smp._C import CommGroup
 
-_current = None  # weakref to this process's DistributedModel
+current_model = _state.current_model
+_current_optimizer = _state.current_optimizer
 
 
 def _reset():
-    """Forgets this process's DistributedModel (smp.shutdown calls it)."""
-    global _current
-    model = _current() if _current is not None else None
+    """Forgets this process's DistributedModel (smp.shutdown runs it)."""
+    model = current_model()
     if model is not None:
         model._release()
-    _current = None
+    _state._set_model(None)
 
 
-def current_model():
-    """This process's DistributedModel, or None."""
-    return _current() if _current is not None else None
-
-
-def _current_optimizer():
-    from smp import optimizer
-
-    return optimizer.current_optimizer()
+_runtime.register_shutdown_hook(_reset)
 
 
 def _broadcast_from_rank0(module):
@@ -176,7 +171,6 @@ class DistributedModel(torch.nn.Module):
                  backward_passes_per_step=1, average_grads_across_microbatches=True,
                  bucket_cap_mb=25, find_unused_parameters=False, broadcast_buffers=True,
                  gradient_as_bucket_view=False, **kwargs):
-        global _current
         if not _C.is_initialized():
             raise _C.StateError("smp.DistributedModel needs smp.init() first")
         if kwargs:
@@ -261,7 +255,7 @@ class DistributedModel(torch.nn.Module):
             self._check_pipeline_structure()
         else:
             self._ensure_partitioned()
-        _current = weakref.ref(self)
+        _state._set_model(self)
 
     # ---- construction ------------------------------------------------------
 
@@ -307,8 +301,6 @@ class DistributedModel(torch.nn.Module):
         self._partitioning = True
         try:
             if _C.pp_size() > 1:
-                from smp.pipeline.module import PipelineModule
-
                 object.__setattr__(self, "_pipe_impl", PipelineModule(self._net))
                 self._check_every_tensor_has_a_stage({n for n, _, _ in self._pipe_impl.plan})
             self._build_reducer()
@@ -321,8 +313,6 @@ class DistributedModel(torch.nn.Module):
         """With pp_size() > 1, the checks that do not depend on the stage
         assignment: the forward is a chain (smp.pipeline.partition.trace_chain)
         and every parameter and buffer is in a module the chain calls."""
-        from smp.pipeline.partition import trace_chain
-
         order, _ = trace_chain(self._net)
         self._check_every_tensor_has_a_stage(set(order))
 
@@ -479,8 +469,6 @@ class DistributedModel(torch.nn.Module):
         (or N steps) and are averaged on the N-th. Inside an smp.step function
         it records the microbatch's loss; the step runs the backward passes on
         the pipeline schedule and averages the gradients after the last one."""
-        from smp.pipeline import engine
-
         ctx = engine.current_step()
         if ctx is not None:
             ctx.record_backward(tensor, grad_tensors)
