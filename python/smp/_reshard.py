@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from smp import _C
+from smp import _C, _state
 from smp._C import CheckpointError
 
 MODEL_PREFIX = "model/"
@@ -68,9 +68,7 @@ def shard_records(obj):
     (None when there are none)."""
     if not _C.is_initialized():
         return None
-    from smp.model import current_model
-
-    model = current_model()
+    model = _state.current_model()
     specs = getattr(model, "_specs", {}) if model is not None else {}
     out = []
 
@@ -251,9 +249,7 @@ class _Loader:
         return t
 
     def model_sd(self, saved_sd):
-        from smp.model import current_model
-
-        model = current_model()
+        model = _state.current_model()
         if model is None:
             raise CheckpointError(
                 f"smp.load('{self.f}', partial=True): the checkpoint was saved on another layout "
@@ -283,9 +279,7 @@ class _Loader:
         return out
 
     def optimizer_sd(self, saved_osd):
-        from smp.optimizer import current_optimizer
-
-        opt = current_optimizer()
+        opt = _state.current_optimizer()
         if opt is None:
             raise CheckpointError(
                 f"smp.load('{self.f}', partial=True): the checkpoint holds optimizer state saved "

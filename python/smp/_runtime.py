@@ -5,7 +5,7 @@ import os
 import sys
 import traceback
 
-from smp import _C
+from smp import _C, torch_dist
 from smp._C import CommGroup
 
 # Rank and size queries come straight from the engine; each raises
@@ -47,8 +47,6 @@ def init(config=None):
         )
     _C.init(config)
     if _C.config()["ddp"]:
-        from smp import torch_dist
-
         try:
             torch_dist.create_process_groups()
         except BaseException:
@@ -58,13 +56,21 @@ def init(config=None):
     _install_exit_handlers()
 
 
-def shutdown():
-    """Forgets the DistributedModel, destroys the torch process groups smp
-    created and releases the engine.
-    smp.init may be called again afterwards. A no-op when not initialized."""
-    from smp import model, torch_dist
+_shutdown_hooks = []
 
-    model._reset()
+
+def register_shutdown_hook(fn):
+    """fn() runs at every smp.shutdown, before the engine is released (smp.model
+    registers the forgetting of its DistributedModel)."""
+    _shutdown_hooks.append(fn)
+
+
+def shutdown():
+    """Runs the shutdown hooks (forgets the DistributedModel), destroys the
+    torch process groups smp created and releases the engine.
+    smp.init may be called again afterwards. A no-op when not initialized."""
+    for fn in _shutdown_hooks:
+        fn()
     try:
         torch_dist.destroy_process_groups()
     finally:

@@ -11,8 +11,35 @@ subset of ranks may read it at any time.
 """
 
 import types
+import weakref
 
-from smp import _C
+from smp import _C, torch_dist
+
+# This process's DistributedModel and latest DistributedOptimizer (weakrefs):
+# set by smp.model / smp.optimizer, read by every module that needs them
+# (a leaf module, so that reading them imports nothing that imports back).
+_model_ref = None
+_optimizer_ref = None
+
+
+def current_model():
+    """This process's smp.DistributedModel, or None."""
+    return _model_ref() if _model_ref is not None else None
+
+
+def current_optimizer():
+    """This process's latest smp.DistributedOptimizer, or None."""
+    return _optimizer_ref() if _optimizer_ref is not None else None
+
+
+def _set_model(model):
+    global _model_ref
+    _model_ref = weakref.ref(model) if model is not None else None
+
+
+def _set_optimizer(optimizer):
+    global _optimizer_ref
+    _optimizer_ref = weakref.ref(optimizer) if optimizer is not None else None
 
 
 class ConfigView:
@@ -93,16 +120,12 @@ class State:
     @property
     def model(self):
         """This process's smp.DistributedModel, or None."""
-        from smp import model
-
-        return model.current_model()
+        return current_model()
 
     @property
     def optimizer(self):
         """This process's smp.DistributedOptimizer, or None."""
-        from smp import optimizer
-
-        return optimizer.current_optimizer()
+        return current_optimizer()
 
     def num_microbatches(self):
         """The config's microbatches (1 before smp.init, as in smp v1)."""
@@ -122,8 +145,6 @@ class State:
         return _C.mp_size()
 
     def get_model_parallel_group(self):
-        from smp import torch_dist
-
         return torch_dist.get_mp_process_group()
 
     def get_data_parallel_rank(self):
@@ -133,8 +154,6 @@ class State:
         return _C.rdp_size()
 
     def get_data_parallel_group(self):
-        from smp import torch_dist
-
         return torch_dist.get_rdp_process_group()
 
     def __getattr__(self, name):
@@ -142,8 +161,6 @@ class State:
         # dp_process_group, mp_process_group, pp_process_group, tp_process_group,
         # rdp_process_group.
         if name.endswith("_process_group"):
-            from smp import torch_dist
-
             getter = getattr(torch_dist, "get_" + name, None)
             if getter is not None:
                 return getter()

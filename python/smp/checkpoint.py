@@ -18,9 +18,10 @@ import time
 
 import torch
 
-from smp import _C
-from smp import _reshard
-from smp._C import CheckpointError
+from smp import _C, _reshard, _state
+from smp._C import CheckpointError, CommGroup
+from smp._objects import allgather, barrier
+from smp.optimizer import DistributedOptimizer
 
 logger = logging.getLogger("smp.checkpoint")
 
@@ -263,9 +264,6 @@ def load(f, partial=True, map_location=None, weights_only=None, *, verify_checks
 # ---- save_checkpoint / resume_from_checkpoint -----------------------------------
 
 def _check_tag(tag):
-    from smp._objects import allgather
-    from smp._C import CommGroup
-
     if not isinstance(tag, str) or not tag:
         raise CheckpointError(f"smp.save_checkpoint: tag must be a non-empty str, got {tag!r}")
     if "/" in tag:
@@ -322,8 +320,6 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
     smp.DistributedOptimizer). num_kept_partial_checkpoints keeps only the
     newest N partial checkpoints listed in `newest`.
     """
-    from smp._objects import barrier
-
     if model is None and optimizer is None:
         logger.warning("smp.save_checkpoint: both model and optimizer are None; nothing saved")
         return
@@ -343,8 +339,6 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
             save(model.local_state_dict(), os.path.join(folder, "model"), partial=True, v3=False,
                  _suffix=".pt")
         if optimizer is not None and (sharded or _C.rdp_rank() == 0):
-            from smp.optimizer import DistributedOptimizer
-
             # Each rdp rank saves its own shard (v3), tensors where they are.
             osd = (optimizer.local_state_dict(cast_to_cpu=False, gather_if_shard=False)
                    if isinstance(optimizer, DistributedOptimizer) else optimizer.local_state_dict())
@@ -398,6 +392,10 @@ def resume_from_checkpoint(path, tag=None, partial=True, strict=True, load_optim
     """Loads a checkpoint written by smp.save_checkpoint into `model` and
     `optimizer` (collective on all ranks) and returns its user_content (or None).
 
+    model, optimizer: what to load into (anything with load_state_dict). None,
+    the default, is smp v1's behaviour (whose signature has neither): this
+    process's smp.DistributedModel and latest smp.DistributedOptimizer.
+
     load_sharded_optimizer_state: smp v1's switch for sharded data parallelism
     (which smp refuses at smp.init); accepted, without effect.
     translate_function: for a full checkpoint, fn(state_dict) -> state_dict
@@ -411,14 +409,9 @@ def resume_from_checkpoint(path, tag=None, partial=True, strict=True, load_optim
     "Resharding") and the model loads with same_partition_load=False; a full
     one with model.load_state_dict(sd, strict=strict).
     """
-    from smp._objects import barrier
-
-    from smp import model as _model_mod
-    from smp import optimizer as _optimizer_mod
-
-    # Default: this process's smp.DistributedModel / smp.DistributedOptimizer.
-    model = model if model is not None else _model_mod.current_model()
-    optimizer = optimizer if optimizer is not None else _optimizer_mod.current_optimizer()
+    # smp v1's default: this process's smp.DistributedModel / smp.DistributedOptimizer.
+    model = model if model is not None else _state.current_model()
+    optimizer = optimizer if optimizer is not None else _state.current_optimizer()
     path = os.fspath(path)
     if tag is None:
         if not partial:

@@ -70,34 +70,30 @@ effect.
 """
 
 import collections
+import functools
 import weakref
 
 import torch
 
-from smp import _C, comm, tp
+from smp import _C, _objects, _runtime, _state, comm, tp
+from smp.pipeline import engine, modcall
+from smp.pipeline.module import PipelineModule
+from smp.pipeline.partition import trace_chain
 from smp._C import CommGroup
 
-_current = None  # weakref to this process's DistributedModel
+current_model = _state.current_model
+_current_optimizer = _state.current_optimizer
 
 
 def _reset():
-    """Forgets this process's DistributedModel (smp.shutdown calls it)."""
-    global _current
-    model = _current() if _current is not None else None
+    """Forgets this process's DistributedModel (smp.shutdown runs it)."""
+    model = current_model()
     if model is not None:
         model._release()
-    _current = None
+    _state._set_model(None)
 
 
-def current_model():
-    """This process's DistributedModel, or None."""
-    return _current() if _current is not None else None
-
-
-def _current_optimizer():
-    from smp import optimizer
-
-    return optimizer.current_optimizer()
+_runtime.register_shutdown_hook(_reset)
 
 
 def _broadcast_from_rank0(module):
@@ -111,31 +107,35 @@ def _broadcast_from_rank0(module):
                 t.data.copy_(tmp)
 
 
-def _state_entries(module, prefix=""):
-    """(full name, kind, owner, local name) for every entry of the full state
-    dict, in torch's state_dict order. kind: "param", "buffer" (local tensors),
-    or "dist" (a full parameter of a tensor-parallel module)."""
+def _state_entries(module, is_local, prefix=""):
+    """The full state dict's entries in torch's state_dict order, as the
+    engine's state-dict rules take them (smp._C.state_dict_*): (full name,
+    local tensor or None, gather or None, load or None, local). A full
+    parameter of a tensor-parallel module has gather/load (its
+    _smp_gather_full / _smp_load_full); local is False for another pipeline
+    stage's entry."""
     out = []
     if tp.is_dist_module(module):
         full = tp.full_param_names(module)
         for n in full:
-            out.append((prefix + n, "dist", module, n))
+            out.append((prefix + n, None, functools.partial(module._smp_gather_full, n),
+                        functools.partial(module._smp_load_full, n), is_local(prefix + n)))
         names = set(full)
         for n, b in module.named_buffers():
             mod_name, _, leaf = n.rpartition(".")
             owner = module.get_submodule(mod_name) if mod_name else module
             if n not in names and leaf not in owner._non_persistent_buffers_set:
-                out.append((prefix + n, "buffer", owner, leaf))
+                out.append((prefix + n, b, None, None, is_local(prefix + n)))
         return out
     for n, p in module._parameters.items():
         if p is not None:
-            out.append((prefix + n, "param", module, n))
+            out.append((prefix + n, p, None, None, is_local(prefix + n)))
     for n, b in module._buffers.items():
         if b is not None and n not in module._non_persistent_buffers_set:
-            out.append((prefix + n, "buffer", module, n))
+            out.append((prefix + n, b, None, None, is_local(prefix + n)))
     for n, child in module._modules.items():
         if child is not None:
-            out.extend(_state_entries(child, prefix + n + "."))
+            out.extend(_state_entries(child, is_local, prefix + n + "."))
     return out
 
 
@@ -171,7 +171,6 @@ class DistributedModel(torch.nn.Module):
                  backward_passes_per_step=1, average_grads_across_microbatches=True,
                  bucket_cap_mb=25, find_unused_parameters=False, broadcast_buffers=True,
                  gradient_as_bucket_view=False, **kwargs):
-        global _current
         if not _C.is_initialized():
             raise _C.StateError("smp.DistributedModel needs smp.init() first")
         if kwargs:
@@ -256,7 +255,7 @@ class DistributedModel(torch.nn.Module):
             self._check_pipeline_structure()
         else:
             self._ensure_partitioned()
-        _current = weakref.ref(self)
+        _state._set_model(self)
 
     # ---- construction ------------------------------------------------------
 
@@ -302,12 +301,8 @@ class DistributedModel(torch.nn.Module):
         self._partitioning = True
         try:
             if _C.pp_size() > 1:
-                from smp.pipeline.module import PipelineModule
-
-                if getattr(self, "_smp_module_pipeline", False):  # module-level hook
-                    from smp.pipeline.modcall import ModulePipeline
-
-                    object.__setattr__(self, "_pipe_impl", ModulePipeline(self._net))
+                if getattr(self, "_smp_module_pipeline", False):  # module-level pipeline
+                    object.__setattr__(self, "_pipe_impl", modcall.ModulePipeline(self._net))
                 else:
                     object.__setattr__(self, "_pipe_impl", PipelineModule(self._net))
                     self._check_every_tensor_has_a_stage(
@@ -322,15 +317,9 @@ class DistributedModel(torch.nn.Module):
         """With pp_size() > 1, the checks that do not depend on the stage
         assignment: the forward is a chain (smp.pipeline.partition.trace_chain)
         and every parameter and buffer is in a module the chain calls."""
-        from smp.pipeline.partition import trace_chain
-
-        # -- module-level pipeline hook (smp.pipeline.modcall) --
-        from smp.pipeline import modcall
-
-        if modcall.use_module_pipeline(self._net):
+        if modcall.use_module_pipeline(self._net):  # not a chain: module-level pipeline
             object.__setattr__(self, "_smp_module_pipeline", True)
             return
-        # -- end hook --
         order, _ = trace_chain(self._net)
         self._check_every_tensor_has_a_stage(set(order))
 
@@ -490,8 +479,6 @@ class DistributedModel(torch.nn.Module):
         (or N steps) and are averaged on the N-th. Inside an smp.step function
         it records the microbatch's loss; the step runs the backward passes on
         the pipeline schedule and averages the gradients after the last one."""
-        from smp.pipeline import engine
-
         ctx = engine.current_step()
         if ctx is not None:
             ctx.record_backward(tensor, grad_tensors)
@@ -637,7 +624,7 @@ class DistributedModel(torch.nn.Module):
         sd = self._net.state_dict(*args, **kwargs)
         if self._pipe is not None:
             sd = collections.OrderedDict((k, v) for k, v in sd.items() if self._is_local(k))
-        sd["_smp_is_partial"] = True
+        sd[_C.PARTIAL_STATE_KEY] = True
         return sd
 
     def state_dict(self, *args, gather_to_rank0=True, **kwargs):
@@ -651,23 +638,16 @@ class DistributedModel(torch.nn.Module):
             return self.local_state_dict(*args, **kwargs)
         if _C.rdp_rank() != 0:
             return {}
-        entries = _state_entries(self._net)
-        stage = collections.OrderedDict()
-        for full, kind, owner, local in entries:
-            if not self._is_local(full):
-                continue
-            t = owner._smp_gather_full(local) if kind == "dist" else getattr(owner, local)
-            if _C.tp_rank() == 0:
-                stage[full] = t.detach()
+        entries = _state_entries(self._net, self._is_local)
+        stage = collections.OrderedDict(_C.state_dict_gather_full(entries, _C.tp_rank() == 0))
         if self._pipe is None:
             return stage if _C.rank() == 0 else {}
         if _C.tp_rank() != 0:
             return {}
         # The tp_rank 0 ranks of the stages (one PP_GROUP, holding world rank 0)
         # send their stages' full tensors to pp_rank 0.
-        from smp._objects import gather
-
-        parts = gather({k: v.cpu() for k, v in stage.items()}, CommGroup.PP_GROUP, rank=0)
+        parts = _objects.gather({k: v.cpu() for k, v in stage.items()}, CommGroup.PP_GROUP,
+                                rank=0)
         if _C.rank() != 0:
             return {}
         merged = {}
@@ -683,66 +663,26 @@ class DistributedModel(torch.nn.Module):
         (local_state_dict(), with "_smp_is_partial"), copied as is; it must come
         from the same tensor-parallel layout (same_partition_load=True states
         that; a partial dict whose shapes match is accepted either way). strict:
-        raise smp.ConfigError listing missing and unexpected keys."""
-        sd = dict(state_dict)
-        partial = bool(sd.pop("_smp_is_partial", False))
-        # ---- resharding: smp.load(partial=True) built this dict for this layout ----
-        resharded_from = sd.pop("_smp_resharded_from", None)
-        if resharded_from is not None and same_partition_load:
-            raise _C.CheckpointError(
-                f"smp.DistributedModel.load_state_dict(same_partition_load=True): the state dict "
-                f"was saved with {resharded_from} but this job has pp_size {_C.pp_size()}, "
-                f"tp_size {_C.tp_size()}, rdp_size {_C.rdp_size()}; smp.load resharded it for "
-                "this layout: load it with same_partition_load=False")
-        # ---- end resharding ----
-        if partial:
-            expected = collections.OrderedDict(
-                (k, None) for k in self._net.state_dict(keep_vars=True) if self._is_local(k))
+        raise smp.ConfigError listing missing and unexpected keys. The rules are
+        the engine's (smp/model/state_dict.h), shared with smp::DistributedModel.
+        A dict that smp.load(partial=True) resharded from another layout carries
+        "_smp_resharded_from" and loads with same_partition_load=False only."""
+        resharded_from = state_dict.get("_smp_resharded_from") if hasattr(state_dict, "get") else None
+        if resharded_from is not None:
+            if same_partition_load:
+                raise _C.CheckpointError(
+                    f"smp.DistributedModel.load_state_dict(same_partition_load=True): the state "
+                    f"dict was saved with {resharded_from} but this job has pp_size "
+                    f"{_C.pp_size()}, tp_size {_C.tp_size()}, rdp_size {_C.rdp_size()}; smp.load "
+                    "resharded it for this layout: load it with same_partition_load=False")
+            state_dict = {k: v for k, v in state_dict.items() if k != "_smp_resharded_from"}
+        if _C.state_dict_is_partial(state_dict):
+            local = [(k, v) for k, v in self._net.state_dict(keep_vars=True).items()
+                     if self._is_local(k)]
+            missing, unexpected = _C.state_dict_load_partial(local, state_dict, strict)
         else:
-            entries = _state_entries(self._net)
-            expected = collections.OrderedDict((e[0], e) for e in entries)
-        missing = [k for k in expected if k not in sd]
-        unexpected = [k for k in sd if k not in expected]
-        if not partial and self._pipe is not None:
-            # A full dict holds every stage; this rank loads its own stage's part.
-            expected = collections.OrderedDict(
-                (k, e) for k, e in expected.items() if self._is_local(k))
-            missing = [k for k in expected if k not in sd]
-        if strict and (missing or unexpected):
-            raise _C.ConfigError(
-                f"smp.DistributedModel.load_state_dict ({'partial' if partial else 'full'} state "
-                f"dict, rank {_C.rank()}): missing keys {missing}, unexpected keys {unexpected}; "
-                "load a state dict of the same model, or pass strict=False")
-        with torch.no_grad():
-            if partial:
-                local = self._net.state_dict(keep_vars=True)
-                for k in expected:
-                    if k not in sd:
-                        continue
-                    target, value = local[k], sd[k]
-                    if tuple(target.shape) != tuple(value.shape):
-                        raise _C.ConfigError(
-                            f"smp.DistributedModel.load_state_dict: partial entry '{k}' has shape "
-                            f"{tuple(value.shape)} but this rank's (tp_rank {_C.tp_rank()} of "
-                            f"{_C.tp_size()}) has {tuple(target.shape)}: it was saved with another "
-                            "tensor-parallel layout; load a full state dict "
-                            "(state_dict(gather_to_rank0=True)) instead")
-                    target.copy_(value)
-            else:
-                for k, (_, kind, owner, local_name) in expected.items():
-                    if k not in sd:
-                        continue
-                    value = sd[k]
-                    if kind == "dist":
-                        owner._smp_load_full(local_name, value)
-                        continue
-                    target = getattr(owner, local_name)
-                    if tuple(target.shape) != tuple(value.shape):
-                        raise _C.ConfigError(
-                            f"smp.DistributedModel.load_state_dict: '{k}' has shape "
-                            f"{tuple(value.shape)} in the state dict but {tuple(target.shape)} in "
-                            "the model")
-                    target.copy_(value)
+            missing, unexpected = _C.state_dict_load_full(
+                _state_entries(self._net, self._is_local), state_dict, strict)
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     # ---- more of smp v1's DistributedModel API -----------------------------

@@ -54,12 +54,10 @@ Each parameter must appear once in the optimizer: duplicates raise
 smp.ConfigError at construction (smp v1 could save but not load their state).
 """
 
-import weakref
-
 import torch
 
 from smp import _C
-from smp import _objects
+from smp import _objects, _state
 from smp import model as _model
 from smp._C import CommGroup
 
@@ -73,12 +71,7 @@ _DEDUP_RECIPE = """\
     optimizer = torch.optim.Adam(unique_params, ...)"""
 
 
-_current = None  # weakref to this process's latest DistributedOptimizer
-
-
-def current_optimizer():
-    """This process's latest DistributedOptimizer, or None."""
-    return _current() if _current is not None else None
+current_optimizer = _state.current_optimizer
 
 
 _classes = {}  # optimizer class -> its DistributedOptimizer subclass
@@ -355,7 +348,7 @@ def _wrap(optimizer, static_loss_scale=1.0, dynamic_loss_scale=False, dynamic_lo
         raise _C.ConfigError(
             f"smp.DistributedOptimizer expects a torch.optim.Optimizer, got "
             f"{type(optimizer).__name__}")
-    model = model if model is not None else _model.current_model()
+    model = model if model is not None else _state.current_model()
     if model is None:
         raise _C.StateError(
             "smp.DistributedOptimizer needs the model: create smp.DistributedModel(...) "
@@ -406,8 +399,7 @@ def _wrap(optimizer, static_loss_scale=1.0, dynamic_loss_scale=False, dynamic_lo
     optimizer._smp_canonical = canonical
     optimizer._smp_canonical_owner = list(owner) if sharded else []
     optimizer._smp_loss_scaling = (static_loss_scale, dynamic_loss_scale, dynamic_loss_args)
-    global _current
-    _current = weakref.ref(optimizer)
+    _state._set_optimizer(optimizer)
     return optimizer
 
 

@@ -39,11 +39,11 @@ from typing import Callable, Optional
 import torch
 
 from smp import _C
+from smp import nn as snn
+from smp.patches.checkpoint import CHECKPOINT_ATTR, set_activation_checkpointing
 
 _TP_ATTR = "_smp_tp_config"
 _INIT_ARGS_ATTR = "_smp_init_args"
-# Options of smp.set_activation_checkpointing, carried over to a replacement.
-CHECKPOINT_ATTR = "_smp_activation_checkpointing"
 
 logger = logging.getLogger("smp.tp")
 
@@ -99,11 +99,7 @@ def tp_register(dist_module_cls, init_hook=None, forward_hook=None, return_hook=
 
 def _resolve_builtins():
     """Adds torch.nn.Linear / Embedding -> smp.nn.Distributed* unless the user
-    registered those types, or smp.nn is not available in this build."""
-    try:
-        import smp.nn as snn  # noqa: PLC0415 (lazy: smp.nn may be absent)
-    except ImportError:
-        return
+    registered those types."""
     for module_cls, name in ((torch.nn.Linear, "DistributedLinear"),
                              (torch.nn.Embedding, "DistributedEmbedding")):
         dist_cls = getattr(snn, name, None)
@@ -266,8 +262,6 @@ def make_distributed(module):
         new.forward = forward
     checkpointing = getattr(module, CHECKPOINT_ATTR, None)
     if checkpointing is not None:
-        from smp.patches.checkpoint import set_activation_checkpointing  # noqa: PLC0415
-
         set_activation_checkpointing(new, **checkpointing)
     new.train(module.training)
     return new

@@ -8,7 +8,7 @@ which parameters are split across TP_GROUP).
 
 import torch
 
-from smp import _C
+from smp import _C, _state
 
 _AXIS_ATTR = "_smp_distribution_axis"
 
@@ -26,9 +26,7 @@ def get_distribution_axis(obj):
         return axis if _C.is_initialized() and _C.tp_size() > 1 else None
     # A parameter that lost the mark (re-created by the user): the wrapped
     # model's recorded specs.
-    from smp.model import current_model  # noqa: PLC0415 (smp.model imports much)
-
-    model = current_model()
+    model = _state.current_model()
     if model is None:
         return None
     for name, p in model.get_module().named_parameters():

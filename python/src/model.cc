@@ -9,6 +9,7 @@
 #include "smp/core/error.h"
 #include "smp/model/grad_reducer.h"
 #include "smp/model/optimizer_shard.h"
+#include "smp/model/state_dict.h"
 #include "smp/runtime.h"
 
 namespace py = pybind11;
@@ -46,6 +47,62 @@ std::vector<ParamInfo> param_infos(const std::vector<at::Tensor>& params,
   }
   return out;
 }
+
+/// The wording of Python's errors.
+const state_dict::Api kPythonApi{"smp.DistributedModel.load_state_dict", "strict=False",
+                                 "state_dict(gather_to_rank0=True)"};
+
+/// A Python state dict (a mapping) as a TensorMap: the partial marker (a
+/// Python bool or a tensor) becomes a bool tensor, a value that is not a tensor
+/// an undefined tensor (an error when the model has that key).
+TensorMap tensor_map(const py::handle& state) {
+  TensorMap out;
+  const py::dict dict(py::reinterpret_borrow<py::object>(state));
+  for (const auto& item : dict) {
+    const std::string key = py::cast<std::string>(item.first);
+    at::Tensor value;
+    if (THPVariable_Check(item.second.ptr())) {
+      value = py::cast<at::Tensor>(item.second);
+    } else if (key == kPartialStateKey && PyBool_Check(item.second.ptr())) {
+      value = at::full({}, item.second.ptr() == Py_True, at::kBool);
+    }
+    out.insert(key, value);
+  }
+  return out;
+}
+
+TensorMap tensor_map(const std::vector<std::pair<std::string, at::Tensor>>& entries) {
+  TensorMap out;
+  for (const auto& [k, v] : entries) out.insert(k, v);
+  return out;
+}
+
+/// (name, tensor or None, gather or None, load or None, local) tuples as FullEntry.
+std::vector<state_dict::FullEntry> full_entries(const py::list& entries) {
+  std::vector<state_dict::FullEntry> out;
+  out.reserve(entries.size());
+  for (const auto& item : entries) {
+    const auto t = py::reinterpret_borrow<py::tuple>(item);
+    SMP_CHECK(t.size() == 5, ConfigError, "state_dict entries are (name, tensor, gather, load, "
+              "local) tuples; got one of ", t.size(), " items");
+    state_dict::FullEntry e;
+    e.name = py::cast<std::string>(t[0]);
+    if (!t[1].is_none()) e.tensor = py::cast<at::Tensor>(t[1]);
+    if (!t[2].is_none()) {
+      auto fn = py::reinterpret_borrow<py::function>(t[2]);
+      e.gather = [fn] { return py::cast<at::Tensor>(fn()); };
+    }
+    if (!t[3].is_none()) {
+      auto fn = py::reinterpret_borrow<py::function>(t[3]);
+      e.load = [fn](const at::Tensor& full) { fn(full); };
+    }
+    e.local = py::cast<bool>(t[4]);
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+py::tuple keys(const LoadResult& r) { return py::make_tuple(r.missing, r.unexpected); }
 
 }  // namespace
 
@@ -104,6 +161,35 @@ within the group), in place. Collective over the group.
 
     smp._C.broadcast_from_owners(params, owners, smp.RDP_GROUP)
 )doc");
+  // The state-dict rules (smp/model/state_dict.h). Python callables run with
+  // the GIL held, as these calls keep it.
+  m.attr("PARTIAL_STATE_KEY") = kPartialStateKey;
+  m.def("state_dict_is_partial", [](const py::object& state) {
+    return state_dict::is_partial(tensor_map(state));
+  }, py::arg("state"), "True when the state dict carries \"_smp_is_partial\": True.");
+  m.def("state_dict_gather_full", [](const py::list& entries, bool keep) {
+    const TensorMap full = state_dict::gather_full(full_entries(entries), keep);
+    py::list out;
+    for (const auto& e : full) out.append(py::make_tuple(e.key(), e.value()));
+    return out;
+  }, py::arg("entries"), py::arg("keep"),
+        "The (name, full tensor) of the local entries, [] unless keep. entries: (name, tensor, "
+        "gather, load, local) tuples in state_dict order; gather/load (callables, or None for "
+        "a local tensor) give a tensor-parallel parameter's full tensor / load its slice.");
+  m.def("state_dict_load_full", [](const py::list& entries, const py::object& state,
+                                   bool strict) {
+    return keys(state_dict::load_full(full_entries(entries), tensor_map(state), strict,
+                                      kPythonApi));
+  }, py::arg("entries"), py::arg("state"), py::arg("strict"),
+        "Loads a full state dict into the entries; returns (missing, unexpected).");
+  m.def("state_dict_load_partial",
+        [](const std::vector<std::pair<std::string, at::Tensor>>& local,
+           const py::object& state, bool strict) {
+    return keys(state_dict::load_partial(tensor_map(local), tensor_map(state), strict,
+                                         kPythonApi));
+  }, py::arg("local"), py::arg("state"), py::arg("strict"),
+        "Loads a partial state dict into local ((name, tensor) pairs); returns (missing, "
+        "unexpected).");
 }
 
 }  // namespace smp::python

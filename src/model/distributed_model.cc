@@ -6,8 +6,6 @@
 #include <torch/csrc/autograd/variable.h>
 
 #include <atomic>
-#include <map>
-#include <sstream>
 #include <utility>
 
 #include "smp/core/error.h"
@@ -51,32 +49,28 @@ class ReadyHook : public torch::autograd::PostAccumulateGradHook {
   std::size_t index_;
 };
 
-/// An entry of the full state dict: a full parameter of a tensor-parallel
-/// module (sharded != nullptr, gathered or sliced through it) or a local
-/// tensor (a parameter or buffer of a plain module, a buffer of a
-/// tensor-parallel one).
-struct FullEntry {
-  std::string name;
-  nn::ShardedModule* sharded = nullptr;
-  std::string local_name;
-  at::Tensor tensor;
-};
-
-/// Entries in torch's state_dict order (per module: parameters, buffers,
-/// children), tensor-parallel modules listing every full parameter in layout
-/// order.
-void full_entries(torch::nn::Module& m, const std::string& prefix, std::vector<FullEntry>& out) {
+/// The full state dict's entries in torch's state_dict order (per module:
+/// parameters, buffers, children), tensor-parallel modules listing every full
+/// parameter in layout order, reached through gather_full / load_full.
+void full_entries(torch::nn::Module& m, const std::string& prefix,
+                  std::vector<state_dict::FullEntry>& out) {
   if (auto* sharded = dynamic_cast<nn::ShardedModule*>(&m)) {
-    for (const nn::ParamLayout& l : sharded->layouts())
-      out.push_back({prefix + l.name, sharded, l.name, at::Tensor()});
+    for (const nn::ParamLayout& l : sharded->layouts()) {
+      state_dict::FullEntry e;
+      e.name = prefix + l.name;
+      const std::string local = l.name;
+      e.gather = [sharded, local] { return sharded->gather_full(local); };
+      e.load = [sharded, local](const at::Tensor& full) { sharded->load_full(local, full); };
+      out.push_back(std::move(e));
+    }
     for (const auto& b : sharded->named_buffers(/*recurse=*/true))
-      if (b.value().defined()) out.push_back({prefix + b.key(), nullptr, b.key(), b.value()});
+      if (b.value().defined()) out.push_back({prefix + b.key(), b.value(), {}, {}, true});
     return;
   }
   for (const auto& p : m.named_parameters(/*recurse=*/false))
-    if (p.value().defined()) out.push_back({prefix + p.key(), nullptr, p.key(), p.value()});
+    if (p.value().defined()) out.push_back({prefix + p.key(), p.value(), {}, {}, true});
   for (const auto& b : m.named_buffers(/*recurse=*/false))
-    if (b.value().defined()) out.push_back({prefix + b.key(), nullptr, b.key(), b.value()});
+    if (b.value().defined()) out.push_back({prefix + b.key(), b.value(), {}, {}, true});
   for (const auto& c : m.named_children()) full_entries(*c.value(), prefix + c.key() + ".", out);
 }
 
@@ -89,18 +83,8 @@ void local_entries(torch::nn::Module& m, const std::string& prefix, TensorMap& o
   for (const auto& c : m.named_children()) local_entries(*c.value(), prefix + c.key() + ".", out);
 }
 
-std::string list_of(const std::vector<std::string>& names) {
-  std::ostringstream os;
-  os << "[";
-  for (std::size_t i = 0; i < names.size(); ++i) os << (i ? ", '" : "'") << names[i] << "'";
-  os << "]";
-  return os.str();
-}
-
-bool is_partial(const TensorMap& state) {
-  const at::Tensor* flag = state.find(kPartialStateKey);
-  return flag != nullptr && flag->defined() && flag->numel() == 1 && flag->item<bool>();
-}
+const state_dict::Api kApi{"smp::DistributedModel::load_state_dict", "strict=false",
+                           "state_dict_full()"};
 
 void broadcast_in_place(const at::Tensor& t, CommGroup group) {
   torch::NoGradGuard no_grad;
@@ -216,82 +200,28 @@ const ParamInfo& DistributedModel::param_info(const std::string& name) const {
 TensorMap DistributedModel::local_state_dict() const {
   TensorMap out;
   local_entries(*module_, "", out);
-  out.insert(kPartialStateKey, at::ones({}, at::kBool));
-  return out;
+  return state_dict::partial(std::move(out));
 }
 
 TensorMap DistributedModel::state_dict_full(bool gather_to_rank0) {
   if (!gather_to_rank0) return local_state_dict();
   if (rdp_rank() != 0) return TensorMap();
-  const bool keep = rank() == 0;
-  std::vector<FullEntry> entries;
+  std::vector<state_dict::FullEntry> entries;
   full_entries(*module_, "", entries);
-  TensorMap out;
-  for (const FullEntry& e : entries) {
-    at::Tensor t = e.sharded != nullptr ? e.sharded->gather_full(e.local_name) : e.tensor;
-    if (keep) out.insert(e.name, t.detach());
-  }
-  return out;
+  return state_dict::gather_full(entries, /*keep=*/rank() == 0);
 }
 
 LoadResult DistributedModel::load_state_dict(const TensorMap& state, bool strict,
                                              bool same_partition_load) {
   (void)same_partition_load;  // shapes are checked either way, as on the Python side
-  const bool partial = is_partial(state);
-  LoadResult result;
-  TensorMap local;
-  std::vector<FullEntry> entries;
-  std::vector<std::string> expected;
-  if (partial) {
+  if (state_dict::is_partial(state)) {
+    TensorMap local;
     local_entries(*module_, "", local);
-    for (const auto& e : local) expected.push_back(e.key());
-  } else {
-    full_entries(*module_, "", entries);
-    for (const FullEntry& e : entries) expected.push_back(e.name);
+    return state_dict::load_partial(local, state, strict, kApi);
   }
-  for (const std::string& k : expected)
-    if (!state.contains(k)) result.missing.push_back(k);
-  for (const auto& e : state) {
-    if (e.key() == kPartialStateKey) continue;
-    bool known = false;
-    for (const std::string& k : expected) known = known || k == e.key();
-    if (!known) result.unexpected.push_back(e.key());
-  }
-  if (strict && (!result.missing.empty() || !result.unexpected.empty()))
-    SMP_THROW(ConfigError, "smp::DistributedModel::load_state_dict (",
-              partial ? "partial" : "full", " state dict, rank ", rank(), "): missing keys ",
-              list_of(result.missing), ", unexpected keys ", list_of(result.unexpected),
-              "; load a state dict of the same model, or pass strict=false");
-
-  torch::NoGradGuard no_grad;
-  if (partial) {
-    for (const auto& e : local) {
-      const at::Tensor* value = state.find(e.key());
-      if (value == nullptr) continue;
-      SMP_CHECK(value->sizes() == e.value().sizes(), ConfigError,
-                "smp::DistributedModel::load_state_dict: partial entry '", e.key(),
-                "' has shape ", value->sizes(), " but this rank's (rank ", rank(), ", tp_rank ",
-                tp_rank(), " of ", tp_size(), ") has ", e.value().sizes(),
-                ": it was saved with another tensor-parallel layout; load a full state dict "
-                "(state_dict_full()) instead");
-      e.value().detach().copy_(*value);
-    }
-    return result;
-  }
-  for (const FullEntry& e : entries) {
-    const at::Tensor* value = state.find(e.name);
-    if (value == nullptr) continue;
-    if (e.sharded != nullptr) {
-      e.sharded->load_full(e.local_name, *value);
-      continue;
-    }
-    SMP_CHECK(value->sizes() == e.tensor.sizes(), ConfigError,
-              "smp::DistributedModel::load_state_dict: '", e.name, "' has shape ",
-              value->sizes(), " in the state dict but ", e.tensor.sizes(),
-              " in the model on rank ", rank(), "; load a state dict of the same model");
-    e.tensor.detach().copy_(*value);
-  }
-  return result;
+  std::vector<state_dict::FullEntry> entries;
+  full_entries(*module_, "", entries);
+  return state_dict::load_full(entries, state, strict, kApi);
 }
 
 }  // namespace smp

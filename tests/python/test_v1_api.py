@@ -291,6 +291,35 @@ def test_resume_from_checkpoint_arguments(smp_single, tmp_path):
                                load_sharded_optimizer_state=False, translate_function=translate)
 
 
+def test_resume_from_checkpoint_loads_the_model_and_optimizer_it_is_given(smp_single, tmp_path):
+    """model= / optimizer= name what resume_from_checkpoint loads into; this
+    process's DistributedModel / DistributedOptimizer are only the default."""
+    smp = smp_single
+    smp.init({})
+    model, optimizer = wrapped(smp)
+    train(model, optimizer)
+    smp.save_checkpoint(str(tmp_path), "t1", partial=False, model=model, optimizer=optimizer)
+    saved = {k: v.clone() for k, v in model.get_module().state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    # A plain module of the same shape, and a plain optimizer over it.
+    plain = Net()
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    loaded = []
+    plain_opt.load_state_dict = lambda sd: loaded.append(sd)
+    smp.resume_from_checkpoint(str(tmp_path), tag="t1", partial=False, model=plain,
+                               optimizer=plain_opt)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    assert len(loaded) == 1
+    # The current (wrapped) model was left alone; without model= it is the default.
+    assert all(p.abs().sum() == 0 for p in model.parameters())
+    smp.resume_from_checkpoint(str(tmp_path), tag="t1", partial=False, load_optimizer=False)
+    for k, v in model.get_module().state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
 def test_activation_checkpoint_functions_match_plain_forward(smp_single):
     smp = smp_single
     smp.init({})

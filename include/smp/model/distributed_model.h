@@ -35,7 +35,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
-#include <torch/ordered_dict.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -44,6 +43,7 @@
 #include <vector>
 
 #include "smp/model/param_info.h"
+#include "smp/model/state_dict.h"
 
 namespace smp {
 
@@ -52,26 +52,12 @@ namespace detail {
 struct ModelHookState;
 }
 
-/// Name -> tensor, in the module's state order.
-using TensorMap = torch::OrderedDict<std::string, at::Tensor>;
-
-/// The key local_state_dict() adds (a 0-dim bool tensor, true) to mark a
-/// partial state dict, as the Python side's "_smp_is_partial".
-inline constexpr const char* kPartialStateKey = "_smp_is_partial";
-
 struct DistributedModelOptions {
   /// Gradients accumulate locally over this many backward() calls and are
   /// averaged on the last one.
   int backward_passes_per_step = 1;
   /// Bucket size of the gradient reducer.
   double bucket_cap_mb = 25.0;
-};
-
-/// Keys load_state_dict() did not find in the map, and keys of the map that
-/// the model does not have.
-struct LoadResult {
-  std::vector<std::string> missing;
-  std::vector<std::string> unexpected;
 };
 
 class DistributedModel {

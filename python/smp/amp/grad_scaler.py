@@ -16,6 +16,7 @@ tensor-parallel parts of split parameters and keeps one scale for the job.
 import torch
 
 from smp import _C, comm
+from smp.optimizer import DistributedOptimizer
 from smp._C import CommGroup, ReduceOp
 
 
@@ -45,8 +46,6 @@ class GradScaler(torch.amp.GradScaler):
         WORLD (collective: every rank calls it, through step() or directly)."""
         if not self._enabled:
             return
-        from smp.optimizer import DistributedOptimizer
-
         if isinstance(optimizer, DistributedOptimizer):
             optimizer._smp_model._finish_grads()
         if self._scale is None:

@@ -22,7 +22,10 @@ import torch
 import torch.utils.checkpoint
 
 from smp import _C
-from smp.tp import CHECKPOINT_ATTR
+
+# Options of smp.set_activation_checkpointing on a module, carried over to its
+# tensor-parallel replacement (smp.tp).
+CHECKPOINT_ATTR = "_smp_activation_checkpointing"
 
 _INNER_ATTR = "_smp_checkpoint_inner_forward"
 logger = logging.getLogger("smp.checkpoint")

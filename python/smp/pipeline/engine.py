@@ -41,7 +41,7 @@ import collections.abc
 
 import torch
 
-from smp import _C
+from smp import _C, _objects, comm
 from smp._C import CommGroup, RankType
 
 _current = None
@@ -240,8 +240,6 @@ def share_results(results):
     travel as one flat buffer per (dtype, device kind) with smp.comm.broadcast
     (MPI or gloo for CPU tensors, NCCL for CUDA ones). CUDA tensors arrive on
     the receiver's current CUDA device. The last stage keeps its own objects."""
-    from smp import _objects, comm
-
     last = _C.pp_size() - 1
     if _C.pp_rank() == last:
         tensors = []
@@ -292,10 +290,6 @@ def run_step(fn, model, pieces, prepare=None):
     with share_results)."""
     global _current, _last_stats
 
-    if getattr(model, "_smp_module_pipeline", False):  # module-level pipeline hook
-        from smp.pipeline import modcall
-
-        return modcall.run_step(fn, model, pieces, prepare)
     _call_hook(model, "_smp_begin_step")
     n = len(pieces)
     stages, stage = _C.pp_size(), _C.pp_rank()

@@ -50,8 +50,9 @@ import pickle
 
 import torch
 
-from smp import _C
+from smp import _C, _objects
 from smp._C import CommGroup, RankType
+from smp.pipeline import engine
 from smp.pipeline.partition import balanced_split, get_partition, trace_chain
 
 _MODE_ENV = "SMP_PIPELINE_MODE"
@@ -286,13 +287,11 @@ def _wire(tensors):
 
 
 def _send(msg, peer):
-    from smp import _objects
 
     _objects.send(msg, peer, RankType.PP_RANK)
 
 
 def _recv(peer):
-    from smp import _objects
 
     return _objects.recv_from(peer, RankType.PP_RANK)
 
@@ -510,22 +509,13 @@ class ModulePipeline:
 # ---- the step ----------------------------------------------------------------
 
 
-def _call_hook(model, name, *args):
-    fn = getattr(model, name, None)
-    if fn is not None:
-        fn(*args)
-
-
 def run_step(fn, model, pieces, prepare=None):
     """smp.step on the module-level pipeline (see module docstring)."""
-    from smp import _objects
-    from smp.pipeline import engine
-
-    _call_hook(model, "_smp_begin_step")
+    engine._call_hook(model, "_smp_begin_step")
     pipe = model._pipe
     n = len(pieces)
     stage = _C.pp_rank()
-    _call_hook(model, "_smp_begin_microbatch_backward", False)
+    engine._call_hook(model, "_smp_begin_microbatch_backward", False)
     if stage != 0:
         engine._last_stats = {"max_live_microbatches": 1, "schedule": "module-simple"}
         end = pipe.serve()
@@ -534,9 +524,9 @@ def run_step(fn, model, pieces, prepare=None):
                 f"module-level pipeline: the step failed on pipeline stage 0: {end['error']} "
                 f"(rank {_C.rank()}, stage {stage} stops too)")
         if end["backward"]:
-            _call_hook(model, "_smp_finish_gradients")
+            engine._call_hook(model, "_smp_finish_gradients")
         results = _objects.recv_from(0, RankType.PP_RANK)
-        _call_hook(model, "_smp_end_step")
+        engine._call_hook(model, "_smp_end_step")
         return results
 
     ctx = engine.StepContext(model, n, 0, 1)  # the driver is "the last stage" for losses
@@ -554,7 +544,7 @@ def run_step(fn, model, pieces, prepare=None):
             args, kwargs = pieces[mb]
             ctx.results[mb] = fn(*args, **kwargs)
             ctx.max_live = 1
-            _call_hook(model, "_smp_begin_microbatch_backward", False)
+            engine._call_hook(model, "_smp_begin_microbatch_backward", False)
             ran_backward |= engine._backward(ctx, mb)
             ctx.microbatch = None
     except BaseException as e:
@@ -568,10 +558,10 @@ def run_step(fn, model, pieces, prepare=None):
         for s in range(1, _C.pp_size()):
             _send({"op": "end", "backward": ran_backward and error is None, "error": error}, s)
     if ran_backward:
-        _call_hook(model, "_smp_finish_gradients")
+        engine._call_hook(model, "_smp_finish_gradients")
     results = [ctx.results[mb] for mb in range(n)]
     if prepare is not None:
         results = [prepare(r) for r in results]
     _objects.broadcast(results, CommGroup.PP_GROUP)
-    _call_hook(model, "_smp_end_step")
+    engine._call_hook(model, "_smp_end_step")
     return results

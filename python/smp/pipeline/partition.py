@@ -20,7 +20,7 @@ import contextlib
 import torch
 import torch.fx
 
-from smp import _C
+from smp import _C, _state
 
 _ATTR = "_smp_partition"
 _active = []  # stack of partition indices of open smp.partition contexts
@@ -57,9 +57,7 @@ def set_partition(module, index):
     if index < 0:
         raise _C.ConfigError(f"smp.set_partition({type(module).__name__}, {index}): the stage "
                              "must be >= 0")
-    from smp import model as _model
-
-    wrapped = _model.current_model()
+    wrapped = _state.current_model()
     if wrapped is not None and wrapped.partitioned and _C.pp_size() > 1 and \
             any(m is module for m in wrapped.get_module().modules()):
         raise _C.StateError(

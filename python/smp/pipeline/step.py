@@ -42,7 +42,7 @@ import inspect
 import torch
 
 from smp import _C
-from smp.pipeline import engine
+from smp.pipeline import engine, modcall
 
 
 class StepOutput:
@@ -244,8 +244,9 @@ def step(fn=None, *, non_split_inputs=None, input_split_axes=None, detach_output
         n = int(_C.config()["microbatches"])
         pieces = split_microbatches(bound, n, non_split_inputs, input_split_axes)
         model = bound.arguments[next(iter(signature.parameters))]
-        results = engine.run_step(fn, model, pieces,
-                                  prepare=_detach if detach_outputs else None)
+        # A model that is not a chain runs on the module-level pipeline (modcall).
+        run = modcall.run_step if getattr(model, "_smp_module_pipeline", False) else engine.run_step
+        results = run(fn, model, pieces, prepare=_detach if detach_outputs else None)
         return _to_step_outputs(results)
 
     wrapper._smp_step = True
