@@ -16,7 +16,7 @@
 #include "checkpoint/pickle_reader.h"
 #include "checkpoint/pickle_writer.h"
 #include "checkpoint/zip.h"
-#include "core/json.h"
+#include "checkpoint/metadata.h"
 #include "smp/config.h"
 #include "smp/core/error.h"
 
@@ -30,8 +30,7 @@ using internal::ZipReader;
 namespace {
 
 constexpr std::size_t kChunk = std::size_t{16} << 20;  // unit of parallel I/O and CRC
-constexpr const char* kIndexRecord = "smp/index.json";
-constexpr const char* kFormatName = "smp.checkpoint";
+using internal::kIndexRecord;
 
 double since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -102,12 +101,6 @@ std::string serialization_id() {
   std::string id;
   for (int i = 0; i < 40; ++i) id += static_cast<char>('0' + gen() % 10);
   return id;
-}
-
-json::Value int_array(const std::vector<std::int64_t>& v) {
-  json::Value a = json::Value::array();
-  for (auto x : v) a.push_back(json::Value(x));
-  return a;
 }
 
 std::vector<std::int64_t> contiguous_strides(const std::vector<std::int64_t>& shape) {
@@ -224,41 +217,24 @@ WriteStats write_file(const std::string& path, const Value& object, const WriteO
     host.clear();  // release host copies early
 
     // The index: offsets and CRCs are known now.
-    json::Value index = json::Value::object();
-    index.set("format", kFormatName);
-    index.set("format_version", kFormatVersion);
-    index.set("smp_version", SMP_VERSION);
-    json::Value info = json::Value::object();
-    for (const auto& kv : options.info) info.set(kv.first, kv.second);
-    index.set("info", std::move(info));
-    json::Value tensors = json::Value::array();
+    Index index;
+    index.info = options.info;
     for (const auto& leaf : pickled.tensors) {
       const auto& s = pickled.storages[leaf.storage];
       const auto& rec = layout.entry(storage_record[leaf.storage]);
-      json::Value e = json::Value::object();
-      json::Value p = json::Value::array();
-      for (const auto& c : leaf.path) p.push_back(c);
-      e.set("path", std::move(p));
-      e.set("key", s.key);
-      e.set("dtype", dtype_name(s.dtype));
-      e.set("shape", int_array(leaf.shape));
-      e.set("stride", int_array(contiguous_strides(leaf.shape)));
-      e.set("storage_offset", 0);
-      e.set("offset", json::Value::from_uint64(rec.data_offset));
-      e.set("nbytes", json::Value::from_uint64(s.nbytes));
-      e.set("crc32", json::Value(rec.crc));
-      if (leaf.shard) {
-        json::Value sh = json::Value::object();
-        sh.set("global_shape", int_array(leaf.shard->global_shape));
-        sh.set("split_dim", leaf.shard->split_dim);
-        sh.set("num_shards", leaf.shard->num_shards);
-        sh.set("shard_index", leaf.shard->shard_index);
-        e.set("shard", std::move(sh));
-      }
-      tensors.push_back(std::move(e));
+      TensorEntry e;
+      e.path = leaf.path;
+      e.key = s.key;
+      e.dtype = s.dtype;
+      e.shape = leaf.shape;
+      e.stride = contiguous_strides(leaf.shape);
+      e.offset = rec.data_offset;
+      e.nbytes = s.nbytes;
+      e.crc32 = rec.crc;
+      e.shard = leaf.shard;
+      index.tensors.push_back(std::move(e));
     }
-    index.set("tensors", std::move(tensors));
-    const std::string index_text = index.dump();
+    const std::string index_text = internal::index_to_json(index);
     small.emplace_back(layout.add(a + kIndexRecord, index_text.size()), index_text);
     small.emplace_back(pkl, pickled.data);
 
@@ -337,51 +313,11 @@ struct Reader::Impl {
     }
   }
 
-  [[noreturn]] void bad_index(const std::string& why) const {
-    SMP_THROW(CorruptCheckpointError, "checkpoint file '", path, "' is damaged: its ",
-              kIndexRecord, " record is malformed (", why,
-              "); restore it from a good copy or write the checkpoint again");
-  }
+  [[noreturn]] void bad_index(const std::string& why) const { internal::throw_bad_index(path, why); }
 
   void parse_index(const std::string& text) {
-    json::Value doc;
-    try {
-      doc = json::parse(text);
-    } catch (const json::JsonError& e) {
-      bad_index(e.what());
-    }
-    try {
-      if (doc.at("format").as_string() != kFormatName) {
-        bad_index("format is '" + doc.at("format").as_string() + "', expected '" + kFormatName + "'");
-      }
-      index.format_version = static_cast<int>(doc.at("format_version").as_int());
-      SMP_CHECK(index.format_version <= kFormatVersion, CheckpointError, "checkpoint file '", path,
-                "' has index format_version ", index.format_version, ", newer than this smp (",
-                SMP_VERSION, ") reads (", kFormatVersion, "); upgrade smp to read it");
-      if (const auto* v = doc.find("smp_version")) index.smp_version = v->as_string();
-      if (const auto* info = doc.find("info")) {
-        for (const auto& kv : info->as_object()) index.info[kv.first] = kv.second.as_string();
-      }
-      for (const auto& t : doc.at("tensors").as_array()) {
-        TensorEntry e;
-        for (const auto& c : t.at("path").as_array()) e.path.push_back(c.as_string());
-        e.key = t.at("key").as_string();
-        e.dtype = dtype_from_name(t.at("dtype").as_string());
-        for (const auto& x : t.at("shape").as_array()) e.shape.push_back(x.as_int());
-        for (const auto& x : t.at("stride").as_array()) e.stride.push_back(x.as_int());
-        if (e.shape.size() != e.stride.size()) bad_index("shape and stride differ in length");
-        e.storage_offset = t.at("storage_offset").as_int();
-        e.offset = t.at("offset").as_uint();
-        e.nbytes = t.at("nbytes").as_uint();
-        e.crc32 = static_cast<std::uint32_t>(t.at("crc32").as_uint());
-        if (const auto* sh = t.find("shard")) {
-          ShardSpec s;
-          for (const auto& x : sh->at("global_shape").as_array()) s.global_shape.push_back(x.as_int());
-          s.split_dim = static_cast<int>(sh->at("split_dim").as_int());
-          s.num_shards = static_cast<int>(sh->at("num_shards").as_int());
-          s.shard_index = static_cast<int>(sh->at("shard_index").as_int());
-          e.shard = std::move(s);
-        }
+    index = internal::index_from_json(text, path);
+    for (TensorEntry& e : index.tensors) {
         // The index must agree with the ZIP structure.
         const auto* rec = zip.find(prefix + "data/" + e.key);
         if (rec == nullptr) bad_index("tensor '" + internal::join_path(e.path) + "' names record data/" + e.key + ", which is missing");
@@ -395,10 +331,6 @@ struct Reader::Impl {
                     "' does not match record data/" + e.key);
         }
         e.storage_nbytes = rec->size;
-        index.tensors.push_back(std::move(e));
-      }
-    } catch (const json::JsonError& e) {
-      bad_index(e.what());
     }
   }
 
