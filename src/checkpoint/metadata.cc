@@ -1,12 +1,16 @@
 // Metadata: the JSON schemas of the tensor index and of the manifest (to and
-// from text, with their version checks).
+// from text, with their version checks), and the manifest file's read and write.
 #include "checkpoint/metadata.h"
 
 #include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include <cstdint>
 #include <limits>
 
+#include "checkpoint/io.h"
 #include "smp/config.h"
 #include "smp/core/error.h"
 
@@ -187,6 +191,24 @@ Index index_from_json(const std::string& text, const std::string& path) {
 
 }  // namespace internal
 
+// ---- the index (declared in smp/checkpoint/format.h) ----------------------
+
+bool TensorEntry::contiguous() const {
+  std::int64_t expected = 1;
+  for (std::size_t i = shape.size(); i-- > 0;) {
+    if (shape[i] != 1 && stride[i] != expected) return false;
+    expected *= shape[i];
+  }
+  return true;
+}
+
+const TensorEntry* Index::find(const std::vector<std::string>& path) const {
+  for (const auto& e : tensors) {
+    if (e.path == path) return &e;
+  }
+  return nullptr;
+}
+
 // ---- the manifest (declared in smp/checkpoint/manifest.h) -------------------
 
 std::string Manifest::to_json() const {
@@ -257,6 +279,27 @@ Manifest Manifest::from_json(const std::string& text, const std::string& path) {
               "); restore it from a good copy or save the checkpoint again");
   }
   return m;
+}
+
+const ManifestFile* Manifest::find(int pp_rank, int tp_rank, int rdp_rank) const {
+  for (const auto& f : files) {
+    if (f.pp_rank != pp_rank || f.tp_rank != tp_rank) continue;
+    if (f.rdp_rank && *f.rdp_rank != rdp_rank) continue;
+    return &f;
+  }
+  return nullptr;
+}
+
+void write_manifest(const std::string& path, const Manifest& manifest) {
+  internal::atomic_write(path, manifest.to_json(), /*fsync=*/true);
+}
+
+std::optional<Manifest> read_manifest(const std::string& path) {
+  if (::access(path.c_str(), F_OK) != 0 && errno == ENOENT) return std::nullopt;
+  internal::File file = internal::File::open_read(path);
+  std::string text(static_cast<std::size_t>(file.size()), '\0');
+  if (!text.empty()) file.pread_exact(text.data(), text.size(), 0);
+  return Manifest::from_json(text, path);
 }
 
 }  // namespace ckpt

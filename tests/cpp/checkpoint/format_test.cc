@@ -11,7 +11,9 @@
 #include <fstream>
 #include <string>
 
-#include "checkpoint/zip.h"
+#include "checkpoint/io.h"
+#include "checkpoint/zip_reader.h"
+#include "checkpoint/zip_writer.h"
 #include "fixtures.h"
 #include "smp/checkpoint/format.h"
 #include "test_util.h"

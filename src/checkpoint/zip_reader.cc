@@ -1,40 +1,234 @@
-#include "smp/checkpoint/format.h"
+// Zip reader: parses a ZIP archive's central directory (ZipReader) and reads
+// smp and torch.save checkpoints through it (Reader): the index, the restricted
+// unpickling of data.pkl, and parallel CRC-checked reads of tensor records.
+#include "checkpoint/zip_reader.h"
 
 #include <ATen/ATen.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cerrno>
 #include <chrono>
 #include <cstdio>
-#include <exception>
+#include <functional>
 #include <mutex>
-#include <random>
-#include <thread>
 
+#include "checkpoint/metadata.h"
 #include "checkpoint/pickle_reader.h"
 #include "checkpoint/pickle_writer.h"
-#include "checkpoint/zip.h"
-#include "checkpoint/metadata.h"
-#include "smp/config.h"
+#include "checkpoint/zip_records.h"
+#include "smp/checkpoint/format.h"
 #include "smp/core/error.h"
 
 namespace smp {
 namespace ckpt {
+namespace internal {
+
+// ---- ZipReader ------------------------------------------------------------
+
+namespace {
+
+[[noreturn]] void not_a_checkpoint(const std::string& path, const std::string& why) {
+  SMP_THROW(CheckpointError, "'", path, "' is not an smp or torch checkpoint: ", why,
+            "; pass a file written by smp.save, smp::ckpt::write_file or torch.save");
+}
+
+[[noreturn]] void corrupt(const std::string& path, const std::string& why) {
+  SMP_THROW(CorruptCheckpointError, "checkpoint file '", path, "' is damaged: ", why,
+            "; restore it from a good copy or write the checkpoint again");
+}
+
+}  // namespace
+
+ZipReader::ZipReader(const std::string& path) : file_(File::open_read(path)) {
+  file_size_ = file_.size();
+  parse();
+}
+
+void ZipReader::parse() {
+  const std::string& path = file_.path();
+  // smp files announce their total size in the first local header: a
+  // truncated file is told apart from a file that is not a ZIP at all.
+  std::optional<std::uint64_t> expected_size;
+  bool starts_like_zip = false;
+  if (file_size_ >= kLocalHeaderSize) {
+    unsigned char h[kLocalHeaderSize];
+    file_.pread_exact(h, sizeof(h), 0);
+    starts_like_zip = get32(h) == kLocalHeaderSig;
+    if (starts_like_zip) {
+      const std::uint16_t nlen = get16(h + 26), elen = get16(h + 28);
+      if (kLocalHeaderSize + nlen + elen <= file_size_ && elen > 0) {
+        std::string extra(elen, '\0');
+        file_.pread_exact(&extra[0], elen, kLocalHeaderSize + nlen);
+        const auto* p = reinterpret_cast<const unsigned char*>(extra.data());
+        for (std::size_t i = 0; i + 4 <= extra.size();) {
+          const std::uint16_t id = get16(p + i), len = get16(p + i + 2);
+          if (i + 4 + len > extra.size()) break;
+          if (id == kSizeExtraId && len == 8) expected_size = get64(p + i + 4);
+          i += 4 + len;
+        }
+      }
+    }
+  }
+  if (expected_size && *expected_size != file_size_) {
+    SMP_THROW(CorruptCheckpointError, "checkpoint file '", path, "' is ",
+              file_size_ < *expected_size ? "truncated" : "longer than written", ": expected ",
+              *expected_size, " bytes, found ", file_size_,
+              " bytes; the file was cut short or modified (an interrupted copy?); restore it "
+              "from a good copy or write the checkpoint again");
+  }
+
+  if (file_size_ < kEndSize) {
+    if (starts_like_zip || (file_size_ >= 2 && file_size_ < kLocalHeaderSize)) {
+      std::string head(std::min<std::uint64_t>(file_size_, 4), '\0');
+      if (!head.empty()) file_.pread_exact(&head[0], head.size(), 0);
+      if (head.rfind("PK", 0) == 0) corrupt(path, "the file is truncated (" +
+                                                std::to_string(file_size_) + " bytes)");
+    }
+    not_a_checkpoint(path, "the file is too small to be a ZIP archive (" +
+                               std::to_string(file_size_) + " bytes)");
+  }
+  const std::uint64_t tail_len = std::min<std::uint64_t>(file_size_, kEndSize + 0xFFFF);
+  std::string tail(static_cast<std::size_t>(tail_len), '\0');
+  file_.pread_exact(&tail[0], tail.size(), file_size_ - tail_len);
+  const auto* t = reinterpret_cast<const unsigned char*>(tail.data());
+  std::int64_t found = -1;
+  for (std::int64_t i = static_cast<std::int64_t>(tail.size() - kEndSize); i >= 0; --i) {
+    if (get32(t + i) == kEndSig &&
+        static_cast<std::uint64_t>(i) + kEndSize + get16(t + i + 20) == tail.size()) {
+      found = i;
+      break;
+    }
+  }
+  if (found < 0) {
+    if (starts_like_zip) {
+      corrupt(path, "it has no ZIP end-of-central-directory record (" +
+                        std::to_string(file_size_) +
+                        " bytes); the file is truncated or its write did not finish");
+    }
+    not_a_checkpoint(path, "it is not a ZIP archive (no end-of-central-directory record)");
+  }
+  const std::uint64_t end_pos = file_size_ - tail_len + static_cast<std::uint64_t>(found);
+  const unsigned char* e = t + found;
+  std::uint64_t count = get16(e + 10);
+  std::uint64_t cd_size = get32(e + 12);
+  std::uint64_t cd_offset = get32(e + 16);
+  std::uint64_t cd_limit = end_pos;
+  if (end_pos >= kEnd64LocatorSize) {
+    unsigned char loc[kEnd64LocatorSize];
+    file_.pread_exact(loc, sizeof(loc), end_pos - kEnd64LocatorSize);
+    if (get32(loc) == kEnd64LocatorSig) {
+      const std::uint64_t end64 = get64(loc + 8);
+      if (end64 + kEnd64Size > end_pos) corrupt(path, "bad ZIP64 end-of-central-directory locator");
+      unsigned char r[kEnd64Size];
+      file_.pread_exact(r, sizeof(r), end64);
+      if (get32(r) != kEnd64Sig) corrupt(path, "bad ZIP64 end-of-central-directory record");
+      count = get64(r + 32);
+      cd_size = get64(r + 40);
+      cd_offset = get64(r + 48);
+      cd_limit = end64;
+    }
+  }
+  if (cd_offset > cd_limit || cd_size > cd_limit - cd_offset) {
+    corrupt(path, "the central directory (offset " + std::to_string(cd_offset) + ", " +
+                      std::to_string(cd_size) + " bytes) lies outside the file");
+  }
+  std::string cd(static_cast<std::size_t>(cd_size), '\0');
+  if (cd_size) file_.pread_exact(&cd[0], cd.size(), cd_offset);
+  const auto* c = reinterpret_cast<const unsigned char*>(cd.data());
+  std::size_t pos = 0;
+  entries_.reserve(static_cast<std::size_t>(std::min<std::uint64_t>(count, 1u << 20)));
+  for (std::uint64_t i = 0; i < count; ++i) {
+    if (pos + kCentralHeaderSize > cd.size() || get32(c + pos) != kCentralSig) {
+      corrupt(path, "central directory entry " + std::to_string(i) + " is malformed");
+    }
+    const unsigned char* h = c + pos;
+    Entry entry;
+    entry.method = get16(h + 10);
+    entry.crc = get32(h + 16);
+    std::uint64_t csize = get32(h + 20);
+    std::uint64_t usize = get32(h + 24);
+    const std::uint16_t nlen = get16(h + 28), elen = get16(h + 30), clen = get16(h + 32);
+    std::uint64_t header = get32(h + 42);
+    if (pos + kCentralHeaderSize + nlen + elen + clen > cd.size()) {
+      corrupt(path, "central directory entry " + std::to_string(i) + " is malformed");
+    }
+    entry.name.assign(reinterpret_cast<const char*>(h + kCentralHeaderSize), nlen);
+    const unsigned char* x = h + kCentralHeaderSize + nlen;
+    for (std::size_t j = 0; j + 4 <= elen;) {
+      const std::uint16_t id = get16(x + j), len = get16(x + j + 2);
+      if (j + 4 + len > elen) break;
+      if (id == kZip64ExtraId) {
+        std::size_t k = j + 4;
+        if (usize == kMax32 && k + 8 <= j + 4 + len) usize = get64(x + k), k += 8;
+        if (csize == kMax32 && k + 8 <= j + 4 + len) csize = get64(x + k), k += 8;
+        if (header == kMax32 && k + 8 <= j + 4 + len) header = get64(x + k), k += 8;
+      }
+      j += 4 + len;
+    }
+    pos += kCentralHeaderSize + nlen + elen + clen;
+    if (entry.method == 0 && csize != usize) {
+      corrupt(path, "record '" + entry.name + "' is stored with different sizes");
+    }
+    entry.size = usize;
+    entry.header_offset = header;
+    unsigned char lh[kLocalHeaderSize];
+    if (header + kLocalHeaderSize > file_size_) {
+      corrupt(path, "record '" + entry.name + "' starts past the end of the file");
+    }
+    file_.pread_exact(lh, sizeof(lh), header);
+    if (get32(lh) != kLocalHeaderSig) {
+      corrupt(path, "record '" + entry.name + "' has no local header at offset " +
+                        std::to_string(header));
+    }
+    entry.data_offset = header + kLocalHeaderSize + get16(lh + 26) + get16(lh + 28);
+    const std::uint64_t stored = entry.method == 0 ? usize : csize;
+    if (entry.data_offset + stored > file_size_) {
+      SMP_THROW(CorruptCheckpointError, "checkpoint file '", path, "' is truncated: record '",
+                entry.name, "' needs bytes up to offset ", entry.data_offset + stored,
+                " but the file has ", file_size_,
+                " bytes; restore it from a good copy or write the checkpoint again");
+    }
+    by_name_.emplace(entry.name, entries_.size());
+    entries_.push_back(std::move(entry));
+  }
+}
+
+const ZipReader::Entry* ZipReader::find(const std::string& name) const {
+  auto it = by_name_.find(name);
+  return it == by_name_.end() ? nullptr : &entries_[it->second];
+}
+
+std::string ZipReader::read(const Entry& entry) const {
+  if (entry.method != 0) {
+    SMP_THROW(CheckpointError, "checkpoint file '", file_.path(), "': record '", entry.name,
+              "' is compressed (ZIP method ", entry.method,
+              "); checkpoints must store records uncompressed, as torch.save does");
+  }
+  std::string data(static_cast<std::size_t>(entry.size), '\0');
+  if (entry.size) file_.pread_exact(&data[0], data.size(), entry.data_offset);
+  const std::uint32_t crc = crc32_update(0, data.data(), data.size());
+  if (crc != entry.crc) {
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "stored CRC-32 0x%08x, computed 0x%08x", entry.crc, crc);
+    SMP_THROW(CorruptCheckpointError, "checkpoint file '", file_.path(), "' is damaged: record '",
+              entry.name, "' fails its CRC-32 check (", buf,
+              "); restore it from a good copy or write the checkpoint again");
+  }
+  return data;
+}
+
+}  // namespace internal
 
 using internal::File;
-using internal::ZipLayout;
+using internal::kIndexRecord;
+using internal::kIoChunk;
+using internal::parallel_for;
 using internal::ZipReader;
 
 namespace {
 
-constexpr std::size_t kChunk = std::size_t{16} << 20;  // unit of parallel I/O and CRC
-using internal::kIndexRecord;
+constexpr std::size_t kChunk = kIoChunk;
 
-double since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
+double since(std::chrono::steady_clock::time_point t0) { return internal::seconds_since(t0); }
 
 std::string crc_hex(std::uint32_t crc) {
   char buf[16];
@@ -42,241 +236,7 @@ std::string crc_hex(std::uint32_t crc) {
   return buf;
 }
 
-/// Runs fn(0..n-1) on up to `threads` threads; rethrows the first failure
-/// (remaining tasks are skipped once one failed).
-void parallel_for(std::size_t n, int threads, const std::function<void(std::size_t)>& fn) {
-  const std::size_t workers = std::min<std::size_t>(n, static_cast<std::size_t>(std::max(threads, 1)));
-  if (workers <= 1) {
-    for (std::size_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  std::atomic<std::size_t> next{0};
-  std::atomic<bool> failed{false};
-  std::exception_ptr error;
-  std::mutex mu;
-  auto body = [&] {
-    while (!failed.load()) {
-      const std::size_t i = next.fetch_add(1);
-      if (i >= n) return;
-      try {
-        fn(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mu);
-        if (!error) error = std::current_exception();
-        failed = true;
-      }
-    }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(workers - 1);
-  for (std::size_t i = 0; i + 1 < workers; ++i) pool.emplace_back(body);
-  body();
-  for (auto& t : pool) t.join();
-  if (error) std::rethrow_exception(error);
-}
-
-std::string archive_name(const std::string& path) {
-  std::string base = path.substr(path.find_last_of('/') == std::string::npos
-                                     ? 0
-                                     : path.find_last_of('/') + 1);
-  // os.path.splitext: a leading dot does not start an extension.
-  const std::size_t dot = base.find_last_of('.');
-  if (dot != std::string::npos && dot > 0 && base.find_first_not_of('.') < dot) {
-    base = base.substr(0, dot);
-  }
-  return base.empty() ? "archive" : base;
-}
-
-std::string parent_dir(const std::string& path) {
-  const std::size_t slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  if (slash == 0) return "/";
-  return path.substr(0, slash);
-}
-
-std::string serialization_id() {
-  std::random_device rd;
-  std::mt19937_64 gen((static_cast<std::uint64_t>(rd()) << 32) ^ rd() ^
-                      static_cast<std::uint64_t>(::getpid()));
-  std::string id;
-  for (int i = 0; i < 40; ++i) id += static_cast<char>('0' + gen() % 10);
-  return id;
-}
-
-std::vector<std::int64_t> contiguous_strides(const std::vector<std::int64_t>& shape) {
-  std::vector<std::int64_t> s(shape.size());
-  std::int64_t acc = 1;
-  for (std::size_t i = shape.size(); i-- > 0;) {
-    s[i] = acc;
-    acc *= std::max<std::int64_t>(shape[i], 1);
-  }
-  return s;
-}
-
-/// Host, contiguous, conj/neg resolved: the exact bytes of a storage record.
-at::Tensor host_bytes(const at::Tensor& t) {
-  at::Tensor h = t.detach();
-  if (!h.device().is_cpu()) h = h.to(at::kCPU);
-  h = h.resolve_conj().resolve_neg();
-  return h.contiguous();
-}
-
 }  // namespace
-
-bool TensorEntry::contiguous() const {
-  std::int64_t expected = 1;
-  for (std::size_t i = shape.size(); i-- > 0;) {
-    if (shape[i] != 1 && stride[i] != expected) return false;
-    expected *= shape[i];
-  }
-  return true;
-}
-
-const TensorEntry* Index::find(const std::vector<std::string>& path) const {
-  for (const auto& e : tensors) {
-    if (e.path == path) return &e;
-  }
-  return nullptr;
-}
-
-// ---- writing --------------------------------------------------------------
-
-WriteStats write_file(const std::string& path, const Value& object, const WriteOptions& options) {
-  const auto t0 = std::chrono::steady_clock::now();
-  WriteStats stats;
-  SMP_CHECK(!path.empty(), CheckpointError, "checkpoint path is empty; give a file name");
-  SMP_CHECK(options.alignment >= 64 && options.alignment <= 65536 &&
-                (options.alignment & (options.alignment - 1)) == 0,
-            CheckpointError, "WriteOptions.alignment ", options.alignment, " for '", path,
-            "' is invalid; use a power of two between 64 and 65536 (default 4096)");
-  SMP_CHECK(options.threads >= 1, CheckpointError, "WriteOptions.threads is ", options.threads,
-            " for '", path, "'; use 1 or more");
-
-  // 1. Pickle and lay out every record; offsets are final from here on.
-  internal::Pickled pickled = internal::pickle_object(object);
-  stats.pickle_seconds = since(t0);
-
-  auto t1 = std::chrono::steady_clock::now();
-  std::vector<at::Tensor> host(pickled.storages.size());
-  for (std::size_t i = 0; i < host.size(); ++i) host[i] = host_bytes(pickled.storages[i].tensor);
-  stats.copy_seconds = since(t1);
-
-  const std::string a = archive_name(path) + "/";
-  const std::string storage_alignment = std::to_string(options.alignment);
-  const std::string sid = serialization_id();
-  ZipLayout layout(options.alignment, options.force_zip64);
-  const std::size_t pkl = layout.add(a + "data.pkl", pickled.data.size(), /*size_field=*/true);
-  std::vector<std::pair<std::size_t, std::string>> small;  // record index, bytes
-  small.emplace_back(layout.add(a + ".format_version", 1), "1");
-  small.emplace_back(layout.add(a + ".storage_alignment", storage_alignment.size()),
-                     storage_alignment);
-  small.emplace_back(layout.add(a + "byteorder", 6), "little");
-  std::vector<std::size_t> storage_record(pickled.storages.size());
-  for (std::size_t i = 0; i < pickled.storages.size(); ++i) {
-    storage_record[i] = layout.add(a + "data/" + pickled.storages[i].key, pickled.storages[i].nbytes);
-    stats.tensor_bytes += pickled.storages[i].nbytes;
-  }
-  small.emplace_back(layout.add(a + "version", 2), "3\n");
-  small.emplace_back(layout.add(a + ".data/serialization_id", sid.size()), sid);
-  stats.tensors = pickled.tensors.size();
-  stats.records = pickled.storages.size();
-
-  // 2. Write into the temporary file.
-  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
-  ::unlink(tmp.c_str());  // a leftover of a crashed writer with our pid
-  File file = File::create(tmp);
-  try {
-    t1 = std::chrono::steady_clock::now();
-    struct Task {
-      std::size_t storage;
-      std::uint64_t begin, length;
-    };
-    std::vector<Task> tasks;
-    for (std::size_t i = 0; i < host.size(); ++i) {
-      const std::uint64_t n = pickled.storages[i].nbytes;
-      for (std::uint64_t off = 0; off < n; off += kChunk) {
-        tasks.push_back({i, off, std::min<std::uint64_t>(kChunk, n - off)});
-      }
-    }
-    std::vector<std::uint32_t> task_crc(tasks.size());
-    parallel_for(tasks.size(), options.threads, [&](std::size_t k) {
-      const Task& t = tasks[k];
-      const auto* base = static_cast<const char*>(host[t.storage].data_ptr()) + t.begin;
-      file.pwrite_all(base, static_cast<std::size_t>(t.length),
-                      layout.entry(storage_record[t.storage]).data_offset + t.begin);
-      task_crc[k] = internal::crc32_update(0, base, static_cast<std::size_t>(t.length));
-    });
-    std::vector<std::uint32_t> storage_crc(host.size(), 0);
-    for (std::size_t k = 0; k < tasks.size(); ++k) {
-      const Task& t = tasks[k];
-      storage_crc[t.storage] = t.begin == 0 ? task_crc[k]
-                                            : internal::crc32_join(storage_crc[t.storage],
-                                                                   task_crc[k], t.length);
-    }
-    for (std::size_t i = 0; i < host.size(); ++i) layout.set_crc(storage_record[i], storage_crc[i]);
-    host.clear();  // release host copies early
-
-    // The index: offsets and CRCs are known now.
-    Index index;
-    index.info = options.info;
-    for (const auto& leaf : pickled.tensors) {
-      const auto& s = pickled.storages[leaf.storage];
-      const auto& rec = layout.entry(storage_record[leaf.storage]);
-      TensorEntry e;
-      e.path = leaf.path;
-      e.key = s.key;
-      e.dtype = s.dtype;
-      e.shape = leaf.shape;
-      e.stride = contiguous_strides(leaf.shape);
-      e.offset = rec.data_offset;
-      e.nbytes = s.nbytes;
-      e.crc32 = rec.crc;
-      e.shard = leaf.shard;
-      index.tensors.push_back(std::move(e));
-    }
-    const std::string index_text = internal::index_to_json(index);
-    small.emplace_back(layout.add(a + kIndexRecord, index_text.size()), index_text);
-    small.emplace_back(pkl, pickled.data);
-
-    // Small records, every local header and descriptor, the central directory.
-    for (auto& rec : small) {
-      layout.set_crc(rec.first, internal::crc32_update(0, rec.second.data(), rec.second.size()));
-    }
-    for (const auto& rec : small) {
-      file.pwrite_all(rec.second.data(), rec.second.size(), layout.entry(rec.first).data_offset);
-    }
-    std::string headers;
-    for (std::size_t i = 0; i < layout.count(); ++i) {
-      const auto& e = layout.entry(i);
-      const std::string h = layout.local_header(i);
-      file.pwrite_all(h.data(), h.size(), e.header_offset);
-      const std::string d = layout.data_descriptor(i);
-      if (!d.empty()) file.pwrite_all(d.data(), d.size(), e.data_offset + e.size);
-    }
-    const std::string cd = layout.central_directory();
-    file.pwrite_all(cd.data(), cd.size(), layout.records_end());
-    stats.bytes = layout.total_size();
-    stats.write_seconds = since(t1);
-
-    // 3. Make it durable and visible.
-    t1 = std::chrono::steady_clock::now();
-    if (options.fsync) file.sync();
-    file.close();
-    if (::rename(tmp.c_str(), path.c_str()) != 0) {
-      internal::throw_syscall(path, "rename", errno,
-                              "the checkpoint was written to '" + tmp + "' but could not be moved "
-                              "into place; check the directory's permissions");
-    }
-    if (options.fsync) internal::sync_directory(parent_dir(path));
-    stats.sync_seconds = since(t1);
-  } catch (...) {
-    file = File();  // closes
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  stats.seconds = since(t0);
-  return stats;
-}
 
 // ---- reading --------------------------------------------------------------
 
