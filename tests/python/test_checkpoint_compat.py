@@ -75,3 +75,19 @@ print("compat OK", smp.rank())
 """
     res = run_mpi_code(2, code)
     assert res.stdout.count("compat OK") == 2, res.stdout
+
+
+def test_refusal_is_unsafe_load_error(smp_single, tmp_path):
+    """A pickle that needs code is refused with smp.UnsafeLoadError (a
+    CheckpointError), raised by the engine and caught by type in smp.load."""
+    smp = smp_single
+    import collections
+
+    f = tmp_path / "counter.pt"
+    torch.save({"c": collections.Counter(a=1)}, f)
+    with pytest.raises(smp.UnsafeLoadError, match="collections Counter"):
+        smp._C.ckpt_load(str(f), partial=False)
+    assert issubclass(smp.UnsafeLoadError, smp.CheckpointError)
+    # smp.load catches it and falls back to torch.load(weights_only=True),
+    # whose allowlist holds Counter.
+    assert smp.load(str(f), partial=False) == {"c": collections.Counter(a=1)}
