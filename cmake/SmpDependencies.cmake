@@ -1,5 +1,5 @@
-# Finds libtorch (from the installed Python torch unless Torch_DIR is set), MPI
-# and NCCL, and resolves SMP_USE_NCCL=AUTO to ON or OFF.
+# Finds libtorch (from the installed Python torch unless Torch_DIR is set), zlib,
+# nlohmann-json, MPI and NCCL, and resolves SMP_USE_NCCL=AUTO to ON or OFF.
 
 find_package(Python COMPONENTS Interpreter REQUIRED)
 
@@ -16,6 +16,22 @@ if(NOT Torch_DIR)
 endif()
 find_package(Torch REQUIRED)
 find_package(ZLIB REQUIRED)
+# nlohmann-json (header-only; Debian nlohmann-json3-dev): the checkpoint index,
+# the manifest and SM_HP_MP_PARAMETERS are parsed with it. Its CMake package,
+# or else the bare header (a .deb unpacked with dpkg -x: add its usr/ to
+# CMAKE_PREFIX_PATH).
+find_package(nlohmann_json 3 CONFIG QUIET)
+if(NOT TARGET nlohmann_json::nlohmann_json)
+  find_path(SMP_NLOHMANN_JSON_INCLUDE_DIR nlohmann/json.hpp)
+  if(NOT SMP_NLOHMANN_JSON_INCLUDE_DIR)
+    message(FATAL_ERROR "smp needs nlohmann-json (header nlohmann/json.hpp): install the Debian "
+      "package nlohmann-json3-dev (apt-get install nlohmann-json3-dev, or dpkg -i its .deb), or "
+      "set nlohmann_json_DIR / CMAKE_PREFIX_PATH to where it is.")
+  endif()
+  add_library(nlohmann_json::nlohmann_json INTERFACE IMPORTED)
+  set_target_properties(nlohmann_json::nlohmann_json PROPERTIES
+    INTERFACE_INCLUDE_DIRECTORIES "${SMP_NLOHMANN_JSON_INCLUDE_DIR}")
+endif()
 find_library(TORCH_PYTHON_LIBRARY torch_python PATHS "${TORCH_INSTALL_PREFIX}/lib" NO_DEFAULT_PATH)
 
 if(SMP_USE_MPI)

@@ -23,6 +23,7 @@ from smp._C import (
     ReduceOp,
     SMPError,
     StateError,
+    UnsafeLoadError,
 )
 
 WORLD = CommGroup.WORLD

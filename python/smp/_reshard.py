@@ -20,7 +20,6 @@ the rest from the file of pp_rank 0, tp_rank 0.
 """
 
 import collections
-import json
 import os
 
 import torch
@@ -128,15 +127,6 @@ def shard_records(obj):
 
 # ---- load side ------------------------------------------------------------------
 
-def _read_manifest(f):
-    for base in (f, f[:-3] if f.endswith(".pt") else f + ".pt"):
-        path = _C.ckpt_manifest_name(base)
-        if os.path.isfile(path):
-            with open(path) as fd:
-                return json.load(fd)
-    return None
-
-
 def _sharded_now():
     return bool(_C.config().get("shard_optimizer_state", False))
 
@@ -144,15 +134,8 @@ def _sharded_now():
 def layout_differs(f):
     """True when `f`'s manifest names a layout this job's part cannot be read
     from as is (another pp/tp degree, or sharded optimizer state saved with
-    another rdp degree)."""
-    if not _C.is_initialized():
-        return False
-    m = _read_manifest(f)
-    if m is None:
-        return False
-    if (m.get("pp_size"), m.get("tp_size")) != (_C.pp_size(), _C.tp_size()):
-        return True
-    return bool(m.get("v3")) and m.get("rdp_size") != _C.rdp_size()
+    another rdp degree): the engine's one layout check (smp::ckpt::saved_layout_differs)."""
+    return _C.ckpt_saved_layout_differs(os.fspath(f))
 
 
 def holds_partial_owned_state(obj):

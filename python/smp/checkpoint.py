@@ -19,14 +19,11 @@ import time
 import torch
 
 from smp import _C, _reshard, _state
-from smp._C import CheckpointError, CommGroup
+from smp._C import CheckpointError, CommGroup, UnsafeLoadError
 from smp._objects import allgather, barrier
 from smp.optimizer import DistributedOptimizer
 
 logger = logging.getLogger("smp.checkpoint")
-
-# The text the restricted reader's refusals carry (src/checkpoint/pickle_reader.cc).
-_REFUSAL = "safe loading refuses to run code from a checkpoint"
 
 
 #: Stats of the last smp.save / smp.load on this rank (bytes, seconds, GB/s, phases).
@@ -222,9 +219,7 @@ def load(f, partial=True, map_location=None, weights_only=None, *, verify_checks
     # ---- end resharding ----
     try:
         obj, stats = _C.ckpt_load(f, partial=partial, verify_checksums=verify_checksums)
-    except CheckpointError as e:
-        if _REFUSAL not in str(e):
-            raise
+    except UnsafeLoadError as e:
         # Not plain data: torch's own safe unpickler may still allow it
         # (torch.Size, dtypes, ...); it never runs code either.
         path, stats = _C.ckpt_resolve(f, partial=partial)
@@ -278,20 +273,6 @@ def _check_tag(tag):
         raise CheckpointError(
             f"smp.save_checkpoint: the tag must be the same on every rank, got {detail}; "
             "derive it from a value every rank shares (the step counter)")
-
-
-def _write_text_atomic(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fd:
-        fd.write(text)
-        fd.flush()
-        os.fsync(fd.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _layout():
@@ -362,7 +343,7 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
             if num_kept_partial_checkpoints is not None:
                 while len(lines) > num_kept_partial_checkpoints:
                     removed.append(lines.pop(0))
-            _write_text_atomic(newest, "".join(ln + "\n" for ln in lines))
+            _C.ckpt_atomic_write(newest, "".join(ln + "\n" for ln in lines))
             for old in removed:
                 old_dir = os.path.join(path, old)
                 if os.path.isdir(old_dir):
@@ -403,7 +384,7 @@ def resume_from_checkpoint(path, tag=None, partial=True, strict=True, load_optim
 
     tag=None (partial only) reads the last line of path/newest. A partial
     checkpoint loads with model.load_state_dict(sd, strict=strict,
-    same_partition_load=True) when its smp_config.pt has this job's pp/tp
+    same_partition_load=True) when its manifests record this job's pp/tp
     degrees; on another layout smp.load reshards the model and optimizer state
     for this job's smp.DistributedModel / DistributedOptimizer (docs/api.md,
     "Resharding") and the model loads with same_partition_load=False; a full
@@ -434,22 +415,13 @@ def resume_from_checkpoint(path, tag=None, partial=True, strict=True, load_optim
         if not os.path.isdir(folder):
             raise CheckpointError(f"smp.resume_from_checkpoint: checkpoint folder '{folder}' "
                                   "does not exist; check path and tag")
-        cfg_file = os.path.join(folder, "smp_config.pt")
-        # ---- resharding: another pp/tp layout loads through smp.load's resharding ----
-        same_layout = True
-        if os.path.isfile(cfg_file):
-            cfg = load(cfg_file, partial=False)
-            saved = (cfg.get("pp_size"), cfg.get("tp_size"))
-            same_layout = saved == (_C.pp_size(), _C.tp_size())
-            if not same_layout:
-                logger.info("smp.resume_from_checkpoint: '%s' was saved with pp/tp degrees %s, "
-                            "this job has (%d, %d): resharding", folder, saved, _C.pp_size(),
-                            _C.tp_size())
+        # The saved layout is checked once, against the manifest, by smp.load
+        # (src/checkpoint/load.cc), which reshards a checkpoint of another layout
+        # and marks the dict; smp_config.pt is written for smp v1 and read by nothing.
         if model is not None:
             sd = load(os.path.join(folder, "model"), partial=True)
-            model.load_state_dict(sd, strict=strict, same_partition_load=same_layout and
-                                  _reshard.RESHARDED_KEY not in sd)
-        # ---- end resharding ----
+            model.load_state_dict(sd, strict=strict,
+                                  same_partition_load=_reshard.RESHARDED_KEY not in sd)
         if load_optimizer and optimizer is not None:
             osd = load(os.path.join(folder, "optimizer_states"), partial=True)
             optimizer.load_state_dict(osd)

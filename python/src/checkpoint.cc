@@ -10,8 +10,8 @@
 #include <optional>
 
 #include "bindings.h"
+#include "checkpoint/io.h"
 #include "smp/checkpoint/format.h"
-#include "smp/checkpoint/naming.h"
 #include "smp/checkpoint/save.h"
 #include "smp/core/error.h"
 
@@ -178,19 +178,6 @@ ckpt::SaveOptions save_options(bool partial, bool v3, const std::string& suffix,
 
 void bind_checkpoint(py::module_& m) {
   m.def(
-      "ckpt_unsupported",
-      [](const py::object& obj) -> py::object {
-        try {
-          (void)to_value(obj, "");
-        } catch (const Unsupported& u) {
-          return py::make_tuple(u.path, u.type);
-        }
-        return py::none();
-      },
-      py::arg("obj"),
-      "None when smp's format holds `obj`, else (key path, type) of the first leaf it does not.");
-
-  m.def(
       "ckpt_save",
       [](const py::object& obj, const std::string& f, bool partial, bool v3,
          const std::string& suffix, std::optional<double> timeout_s, bool fsync,
@@ -278,6 +265,10 @@ is written then: the caller falls back to SaveSession + torch.save).)doc");
       py::arg("threads") = 4,
       "Reads this rank's part (partial) or `f` with the restricted reader: (object, stats).");
 
+  m.def("ckpt_saved_layout_differs", &ckpt::saved_layout_differs, py::arg("f"),
+        py::call_guard<py::gil_scoped_release>(),
+        "True when the manifest of partial checkpoint `f` records another layout than this "
+        "job's (smp::ckpt::saved_layout_differs): smp.load(partial=True) reshards it.");
   m.def(
       "ckpt_resolve",
       [](const std::string& f, bool partial) {
@@ -292,10 +283,14 @@ is written then: the caller falls back to SaveSession + torch.save).)doc");
       py::arg("f"), py::arg("partial") = true,
       "The file smp.load(f, partial) reads on this rank, checked against the manifest.");
 
-  m.def("ckpt_partial_candidates", &ckpt::partial_candidates, py::arg("f"), py::arg("pp_rank"),
-        py::arg("tp_rank"), py::arg("rdp_rank"));
-  m.def("ckpt_manifest_name", &ckpt::manifest_file_name, py::arg("f"));
-  m.def("ckpt_default_timeout", &ckpt::default_checkpoint_timeout_s);
+  m.def(
+      "ckpt_atomic_write",
+      [](const std::string& path, const std::string& text) {
+        py::gil_scoped_release release;
+        ckpt::internal::atomic_write(path, text, /*fsync=*/true);
+      },
+      py::arg("path"), py::arg("text"),
+      "Writes `text` to `path` atomically (temporary, fsync, rename, directory fsync).");
 }
 
 }  // namespace smp::python

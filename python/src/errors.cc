@@ -8,6 +8,7 @@
 //   smp::NotSupportedError -> smp.NotSupportedError (SMPError, NotImplementedError)
 //   smp::CheckpointError   -> smp.CheckpointError   (SMPError)
 //   smp::CorruptCheckpointError -> smp.CorruptCheckpointError (CheckpointError)
+//   smp::UnsafeLoadError   -> smp.UnsafeLoadError   (CheckpointError)
 
 #include <exception>
 
@@ -28,6 +29,7 @@ PyObject* g_timeout_error = nullptr;
 PyObject* g_not_supported_error = nullptr;
 PyObject* g_checkpoint_error = nullptr;
 PyObject* g_corrupt_checkpoint_error = nullptr;
+PyObject* g_unsafe_load_error = nullptr;
 
 PyObject* new_exception(py::module_& m, const char* name, const char* doc,
                         std::initializer_list<PyObject*> bases) {
@@ -75,6 +77,12 @@ void bind_errors(py::module_& m) {
       m, "CorruptCheckpointError",
       "A damaged checkpoint file: truncated, failing a CRC-32 check, inconsistent structure.",
       {g_checkpoint_error});
+  g_unsafe_load_error = new_exception(
+      m, "UnsafeLoadError",
+      "A checkpoint that safe loading (weights_only=True) refuses: its pickle needs a global "
+      "or hook beyond tensors, containers and primitives. Load it with weights_only=False "
+      "only if you trust the file.",
+      {g_checkpoint_error});
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -87,6 +95,8 @@ void bind_errors(py::module_& m) {
       PyErr_SetString(g_config_error, e.what());
     } catch (const smp::StateError& e) {
       PyErr_SetString(g_state_error, e.what());
+    } catch (const smp::UnsafeLoadError& e) {
+      PyErr_SetString(g_unsafe_load_error, e.what());
     } catch (const smp::CorruptCheckpointError& e) {
       PyErr_SetString(g_corrupt_checkpoint_error, e.what());
     } catch (const smp::CheckpointError& e) {

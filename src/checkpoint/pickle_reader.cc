@@ -1,5 +1,7 @@
 #include "checkpoint/pickle_reader.h"
 
+#include "checkpoint/value_util.h"
+
 #include <ATen/ATen.h>
 
 #include <cstdio>
@@ -21,20 +23,6 @@ constexpr const char* kRefuseHint =
     "safe loading refuses to run code from a checkpoint; if you trust this file, load it with "
     "weights_only=False";
 
-bool storage_dtype(const std::string& name, c10::ScalarType* dtype) {
-  static const std::map<std::string, c10::ScalarType> kTypes = {
-      {"FloatStorage", at::kFloat},         {"DoubleStorage", at::kDouble},
-      {"HalfStorage", at::kHalf},           {"BFloat16Storage", at::kBFloat16},
-      {"CharStorage", at::kChar},           {"ByteStorage", at::kByte},
-      {"ShortStorage", at::kShort},         {"IntStorage", at::kInt},
-      {"LongStorage", at::kLong},           {"BoolStorage", at::kBool},
-      {"ComplexFloatStorage", at::kComplexFloat},
-      {"ComplexDoubleStorage", at::kComplexDouble}};
-  auto it = kTypes.find(name);
-  if (it == kTypes.end()) return false;
-  *dtype = it->second;
-  return true;
-}
 
 enum class GlobalKind {
   kRebuildTensor, kRebuildParameter, kOrderedDict, kStorageType, kCodecsEncode, kBytes
@@ -226,14 +214,14 @@ class Unpickler {
               "); restore it from a good copy or write the checkpoint again");
   }
   [[noreturn]] void refuse_global(const std::string& module, const std::string& name) const {
-    SMP_THROW(CheckpointError, "checkpoint file '", file_, "': data.pkl references the global '",
+    SMP_THROW(UnsafeLoadError, "checkpoint file '", file_, "': data.pkl references the global '",
               module, " ", name, "' (at byte ", op_pos_, "), which is not a tensor, storage or "
               "container type; ", kRefuseHint);
   }
   [[noreturn]] void refuse_op(unsigned char op, const std::string& what) const {
     char buf[8];
     std::snprintf(buf, sizeof(buf), "0x%02x", op);
-    SMP_THROW(CheckpointError, "checkpoint file '", file_, "': data.pkl uses the pickle opcode ",
+    SMP_THROW(UnsafeLoadError, "checkpoint file '", file_, "': data.pkl uses the pickle opcode ",
               buf, what.empty() ? "" : " (", what, what.empty() ? "" : ")", " at byte ", op_pos_,
               ", which safe loading does not support; ", kRefuseHint);
   }
@@ -345,7 +333,7 @@ class Unpickler {
       kind = GlobalKind::kRebuildParameter;
     } else if (module == "collections" && name == "OrderedDict") {
       kind = GlobalKind::kOrderedDict;
-    } else if (module == "torch" && storage_dtype(name, &dtype)) {
+    } else if (module == "torch" && dtype_from_storage_type(name, &dtype)) {
       kind = GlobalKind::kStorageType;
     } else if (module == "_codecs" && name == "encode") {
       kind = GlobalKind::kCodecsEncode;
@@ -385,11 +373,11 @@ class Unpickler {
   }
   void check_plain(const NodePtr& n) const {
     if (n->type == Node::Type::kGlobal) {
-      SMP_THROW(CheckpointError, "checkpoint file '", file_, "': data.pkl stores the global '",
+      SMP_THROW(UnsafeLoadError, "checkpoint file '", file_, "': data.pkl stores the global '",
                 n->s, "' itself as a value (at byte ", op_pos_, "); ", kRefuseHint);
     }
     if (n->type == Node::Type::kStorage) {
-      SMP_THROW(CheckpointError, "checkpoint file '", file_,
+      SMP_THROW(UnsafeLoadError, "checkpoint file '", file_,
                 "': data.pkl stores a bare storage (at byte ", op_pos_,
                 "); smp reads tensors, not storages; ", kRefuseHint);
     }
@@ -416,7 +404,7 @@ class Unpickler {
   NodePtr persistent_load(const NodePtr& pid) {
     if (pid->type != Node::Type::kTuple || pid->items.size() != 5 ||
         pid->items[0]->type != Node::Type::kString || pid->items[0]->s != "storage") {
-      SMP_THROW(CheckpointError, "checkpoint file '", file_,
+      SMP_THROW(UnsafeLoadError, "checkpoint file '", file_,
                 "': data.pkl has a persistent id that is not a ('storage', type, key, location, "
                 "numel) tuple (at byte ", op_pos_, "); ", kRefuseHint);
     }
@@ -458,7 +446,7 @@ class Unpickler {
 
   NodePtr reduce(const NodePtr& func, const NodePtr& args) {
     if (func->type != Node::Type::kGlobal) {
-      SMP_THROW(CheckpointError, "checkpoint file '", file_, "': data.pkl calls a ",
+      SMP_THROW(UnsafeLoadError, "checkpoint file '", file_, "': data.pkl calls a ",
                 node_type_name(func->type), " (REDUCE at byte ", op_pos_,
                 "), which is not an allowed function; ", kRefuseHint);
     }
@@ -487,7 +475,7 @@ class Unpickler {
         if (a[4]->type != Node::Type::kBool) corrupt("has a non-bool requires_grad");
         n->tensor.requires_grad = a[4]->b;
         if (a[5]->type != Node::Type::kDict || !a[5]->pairs.empty()) {
-          SMP_THROW(CheckpointError, "checkpoint file '", file_,
+          SMP_THROW(UnsafeLoadError, "checkpoint file '", file_,
                     "': data.pkl has a tensor with backward hooks (at byte ", op_pos_,
                     "); hooks are code, and ", kRefuseHint);
         }
@@ -500,7 +488,7 @@ class Unpickler {
           corrupt("calls _rebuild_parameter with wrong arguments");
         }
         if (a[2]->type != Node::Type::kDict || !a[2]->pairs.empty()) {
-          SMP_THROW(CheckpointError, "checkpoint file '", file_,
+          SMP_THROW(UnsafeLoadError, "checkpoint file '", file_,
                     "': data.pkl has a parameter with backward hooks (at byte ", op_pos_,
                     "); hooks are code, and ", kRefuseHint);
         }
@@ -524,7 +512,7 @@ class Unpickler {
         return make(Node::Type::kBytes);
       }
       case GlobalKind::kStorageType:
-        SMP_THROW(CheckpointError, "checkpoint file '", file_, "': data.pkl calls '", func->s,
+        SMP_THROW(UnsafeLoadError, "checkpoint file '", file_, "': data.pkl calls '", func->s,
                   "' (at byte ", op_pos_, "); legacy storage construction is not supported; ",
                   kRefuseHint);
     }
@@ -656,7 +644,7 @@ class Converter {
       case Node::Type::kTensor: return Value(tensor(n));
       case Node::Type::kGlobal:
       case Node::Type::kStorage:
-        SMP_THROW(CheckpointError, "checkpoint file '", file_, "': data.pkl holds a bare ",
+        SMP_THROW(UnsafeLoadError, "checkpoint file '", file_, "': data.pkl holds a bare ",
                   node_type_name(n->type), "; ", kRefuseHint);
       default: break;
     }

@@ -1,5 +1,7 @@
 #include "checkpoint/pickle_writer.h"
 
+#include "checkpoint/value_util.h"
+
 #include <cstring>
 #include <map>
 #include <tuple>
@@ -29,23 +31,6 @@ std::string join_path(const std::vector<std::string>& path) {
 
 namespace {
 
-const char* storage_type(c10::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return "FloatStorage";
-    case at::kDouble: return "DoubleStorage";
-    case at::kHalf: return "HalfStorage";
-    case at::kBFloat16: return "BFloat16Storage";
-    case at::kChar: return "CharStorage";
-    case at::kByte: return "ByteStorage";
-    case at::kShort: return "ShortStorage";
-    case at::kInt: return "IntStorage";
-    case at::kLong: return "LongStorage";
-    case at::kBool: return "BoolStorage";
-    case at::kComplexFloat: return "ComplexFloatStorage";
-    case at::kComplexDouble: return "ComplexDoubleStorage";
-    default: return nullptr;
-  }
-}
 
 bool valid_utf8(const std::string& s) {
   const auto* p = reinterpret_cast<const unsigned char*>(s.data());
@@ -287,7 +272,7 @@ class Pickler {
   void save_tensor(const Value& v) {
     const at::Tensor& t = v.tensor();
     const c10::ScalarType dtype = t.scalar_type();
-    const char* stype = storage_type(dtype);
+    const char* stype = storage_type_name(dtype);
     SMP_CHECK(stype != nullptr, CheckpointError, "tensor at '", join_path(path_), "' has dtype ",
               c10::toString(dtype),
               ", which smp checkpoints do not store; convert it (e.g. .to(torch.float32))");

@@ -1,5 +1,7 @@
 #include "smp/checkpoint/value.h"
 
+#include "checkpoint/value_util.h"
+
 #include <ATen/ATen.h>
 #include <zlib.h>
 
@@ -207,51 +209,84 @@ void Value::append(Value item) {
   items_.push_back(std::move(item));
 }
 
-// ---- dtype names ----------------------------------------------------------
+// ---- dtypes: the one table ----------------------------------------------------
+
+namespace {
+
+struct DtypeRow {
+  c10::ScalarType dtype;
+  const char* name;     // in checkpoint indexes
+  const char* storage;  // torch.<storage> in data.pkl
+};
+
+constexpr DtypeRow kDtypes[] = {
+    {at::kFloat, "float32", "FloatStorage"},
+    {at::kDouble, "float64", "DoubleStorage"},
+    {at::kHalf, "float16", "HalfStorage"},
+    {at::kBFloat16, "bfloat16", "BFloat16Storage"},
+    {at::kChar, "int8", "CharStorage"},
+    {at::kByte, "uint8", "ByteStorage"},
+    {at::kShort, "int16", "ShortStorage"},
+    {at::kInt, "int32", "IntStorage"},
+    {at::kLong, "int64", "LongStorage"},
+    {at::kBool, "bool", "BoolStorage"},
+    {at::kComplexFloat, "complex64", "ComplexFloatStorage"},
+    {at::kComplexDouble, "complex128", "ComplexDoubleStorage"},
+};
+
+const DtypeRow* row_of(c10::ScalarType dtype) {
+  for (const auto& r : kDtypes) {
+    if (r.dtype == dtype) return &r;
+  }
+  return nullptr;
+}
+
+}  // namespace
 
 const char* dtype_name(c10::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kChar: return "int8";
-    case at::kByte: return "uint8";
-    case at::kShort: return "int16";
-    case at::kInt: return "int32";
-    case at::kLong: return "int64";
-    case at::kBool: return "bool";
-    case at::kComplexFloat: return "complex64";
-    case at::kComplexDouble: return "complex128";
-    default: break;
-  }
+  if (const DtypeRow* r = row_of(dtype)) return r->name;
   SMP_THROW(CheckpointError, "dtype ", c10::toString(dtype),
             " cannot be stored in an smp checkpoint; supported: float32, float64, float16, "
             "bfloat16, int8, uint8, int16, int32, int64, bool, complex64, complex128");
 }
 
 c10::ScalarType dtype_from_name(const std::string& name) {
-  static const std::pair<const char*, c10::ScalarType> kNames[] = {
-      {"float32", at::kFloat},         {"float64", at::kDouble}, {"float16", at::kHalf},
-      {"bfloat16", at::kBFloat16},     {"int8", at::kChar},      {"uint8", at::kByte},
-      {"int16", at::kShort},           {"int32", at::kInt},      {"int64", at::kLong},
-      {"bool", at::kBool},             {"complex64", at::kComplexFloat},
-      {"complex128", at::kComplexDouble}};
-  for (const auto& n : kNames) {
-    if (name == n.first) return n.second;
+  for (const auto& r : kDtypes) {
+    if (name == r.name) return r.dtype;
   }
   SMP_THROW(CheckpointError, "unknown checkpoint dtype '", name,
             "'; the file was written by a newer smp or is damaged");
 }
 
+namespace internal {
+
+const char* storage_type_name(c10::ScalarType dtype) {
+  const DtypeRow* r = row_of(dtype);
+  return r == nullptr ? nullptr : r->storage;
+}
+
+bool dtype_from_storage_type(const std::string& name, c10::ScalarType* dtype) {
+  for (const auto& r : kDtypes) {
+    if (name == r.storage) {
+      *dtype = r.dtype;
+      return true;
+    }
+  }
+  return false;
+}
+
+at::Tensor host_bytes(const at::Tensor& t) {
+  at::Tensor h = t.detach();
+  if (!h.device().is_cpu()) h = h.to(at::kCPU);
+  h = h.resolve_conj().resolve_neg();
+  return h.contiguous();
+}
+
+}  // namespace internal
+
 // ---- comparison and rendering ---------------------------------------------
 
 namespace {
-
-at::Tensor host_contiguous(const at::Tensor& t) {
-  at::Tensor h = t.device().is_cpu() ? t : t.to(at::kCPU);
-  return h.contiguous();
-}
 
 bool shard_equal(const ShardSpec& a, const ShardSpec& b) {
   return a.global_shape == b.global_shape && a.split_dim == b.split_dim &&
@@ -261,8 +296,8 @@ bool shard_equal(const ShardSpec& a, const ShardSpec& b) {
 bool tensor_equal(const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() != b.scalar_type()) return false;
   if (a.sizes() != b.sizes()) return false;
-  const at::Tensor ha = host_contiguous(a);
-  const at::Tensor hb = host_contiguous(b);
+  const at::Tensor ha = internal::host_bytes(a);
+  const at::Tensor hb = internal::host_bytes(b);
   const std::size_t n = static_cast<std::size_t>(ha.numel()) * ha.element_size();
   return n == 0 || std::memcmp(ha.data_ptr(), hb.data_ptr(), n) == 0;
 }
@@ -359,7 +394,7 @@ void repr_to(const Value& v, std::ostringstream& os) {
 }  // namespace
 
 std::string describe_tensor(const at::Tensor& tensor) {
-  const at::Tensor h = host_contiguous(tensor);
+  const at::Tensor h = internal::host_bytes(tensor);
   const std::size_t n = static_cast<std::size_t>(h.numel()) * h.element_size();
   uLong crc = crc32(0L, Z_NULL, 0);
   const auto* p = static_cast<const Bytef*>(n ? h.data_ptr() : nullptr);

@@ -5,7 +5,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <sstream>
+
+#include <nlohmann/json.hpp>
 
 #include "smp/core/error.h"
 #include "smp/core/placement.h"
@@ -313,121 +316,43 @@ void check_supported(const Config& c, const ConfigMap& given) {
 
 // ---- flat JSON -----------------------------------------------------------
 
-class JsonParser {
- public:
-  JsonParser(const std::string& text, const std::string& source) : s_(text), source_(source) {}
+[[noreturn]] void bad_json(const std::string& source, const std::string& text,
+                           const std::string& what) {
+  SMP_THROW(ConfigError, "cannot parse ", source, " as a JSON object of smp config keys: ", what,
+            " in '", text, "'");
+}
 
-  ConfigMap parse_object() {
-    ConfigMap out;
-    skip_ws();
-    expect('{');
-    skip_ws();
-    if (peek() == '}') {
-      ++i_;
-      finish();
-      return out;
-    }
-    while (true) {
-      skip_ws();
-      std::string key = parse_string();
-      skip_ws();
-      expect(':');
-      skip_ws();
-      out[key] = parse_value(key);
-      skip_ws();
-      if (peek() == ',') {
-        ++i_;
-        continue;
+ConfigMap parse_flat_json(const std::string& text, const std::string& source) {
+  nlohmann::ordered_json doc;
+  try {
+    doc = nlohmann::ordered_json::parse(text);
+  } catch (const nlohmann::ordered_json::exception& e) {
+    bad_json(source, text, e.what());
+  }
+  if (!doc.is_object()) bad_json(source, text, std::string("expected an object, got ") + doc.type_name());
+  ConfigMap out;
+  for (const auto& kv : doc.items()) {
+    const auto& v = kv.value();
+    if (v.is_string()) {
+      out[kv.key()] = v.get<std::string>();
+    } else if (v.is_boolean()) {
+      out[kv.key()] = v.get<bool>();
+    } else if (v.is_number_unsigned()) {
+      const auto u = v.get<std::uint64_t>();
+      if (u > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
+        bad_json(source, text, "bad number " + v.dump() + " for key '" + kv.key() + "'");
       }
-      expect('}');
-      break;
+      out[kv.key()] = static_cast<std::int64_t>(u);
+    } else if (v.is_number_integer()) {
+      out[kv.key()] = v.get<std::int64_t>();
+    } else if (v.is_number_float()) {
+      out[kv.key()] = v.get<double>();
+    } else {
+      bad_json(source, text, "value of key '" + kv.key() + "' must be a string, number or boolean");
     }
-    finish();
-    return out;
   }
-
- private:
-  [[noreturn]] void fail(const std::string& what) {
-    SMP_THROW(ConfigError, "cannot parse ", source_, " as a JSON object of smp config keys: ", what,
-              " at offset ", i_, " in '", s_, "'");
-  }
-  char peek() const { return i_ < s_.size() ? s_[i_] : '\0'; }
-  void skip_ws() {
-    while (i_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[i_]))) ++i_;
-  }
-  void expect(char c) {
-    if (peek() != c) fail(std::string("expected '") + c + "'");
-    ++i_;
-  }
-  void finish() {
-    skip_ws();
-    if (i_ != s_.size()) fail("trailing characters");
-  }
-  std::string parse_string() {
-    expect('"');
-    std::string out;
-    while (i_ < s_.size() && s_[i_] != '"') {
-      if (s_[i_] == '\\') {
-        ++i_;
-        if (i_ >= s_.size()) fail("unterminated escape");
-        char e = s_[i_];
-        switch (e) {
-          case 'n': out += '\n'; break;
-          case 't': out += '\t'; break;
-          case '"': out += '"'; break;
-          case '\\': out += '\\'; break;
-          case '/': out += '/'; break;
-          default: fail(std::string("unsupported escape \\") + e);
-        }
-        ++i_;
-      } else {
-        out += s_[i_++];
-      }
-    }
-    expect('"');
-    return out;
-  }
-  ConfigValue parse_value(const std::string& key) {
-    char c = peek();
-    if (c == '"') return parse_string();
-    if (s_.compare(i_, 4, "true") == 0) {
-      i_ += 4;
-      return true;
-    }
-    if (s_.compare(i_, 5, "false") == 0) {
-      i_ += 5;
-      return false;
-    }
-    if (c == '-' || std::isdigit(static_cast<unsigned char>(c))) {
-      std::size_t start = i_;
-      bool is_float = false;
-      ++i_;
-      while (i_ < s_.size()) {
-        char d = s_[i_];
-        if (std::isdigit(static_cast<unsigned char>(d))) {
-          ++i_;
-        } else if (d == '.' || d == 'e' || d == 'E' || d == '+' || d == '-') {
-          is_float = true;
-          ++i_;
-        } else {
-          break;
-        }
-      }
-      std::string num = s_.substr(start, i_ - start);
-      try {
-        if (is_float) return std::stod(num);
-        return static_cast<std::int64_t>(std::stoll(num));
-      } catch (const std::exception&) {
-        fail("bad number '" + num + "' for key '" + key + "'");
-      }
-    }
-    fail("value of key '" + key + "' must be a string, number or boolean");
-  }
-
-  const std::string& s_;
-  const std::string& source_;
-  std::size_t i_ = 0;
-};
+  return out;
+}
 
 }  // namespace
 
@@ -461,7 +386,7 @@ std::vector<std::string> Config::valid_keys() {
 }
 
 ConfigMap Config::parse_json(const std::string& json, const std::string& source) {
-  return JsonParser(json, source).parse_object();
+  return parse_flat_json(json, source);
 }
 
 Config Config::from_map(const ConfigMap& user, bool read_env) {

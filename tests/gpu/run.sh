@@ -8,7 +8,10 @@
 #
 # Needs: python3 with torch (CUDA build; a venv works), nvidia-nccl headers and
 # library (site-packages/nvidia/nccl, found through python3), OpenMPI, GoogleTest,
-# pybind11, CMake >= 3.18, a C++17 compiler, nvcc. Never enables NVLink multicast.
+# pybind11, CMake >= 3.18, a C++17 compiler, nvcc, and the header-only nlohmann-json
+# (Debian nlohmann-json3-dev: /usr/include/nlohmann/json.hpp, or SMP_NLOHMANN_PREFIX:
+# a prefix holding include/nlohmann/json.hpp, e.g. the usr/ of `dpkg -x <deb> dir`);
+# nothing is fetched from a registry. Never enables NVLink multicast.
 #
 # Environment:
 #   OUT                    when set, logs go there (flat): gpu_build.log,
@@ -174,11 +177,24 @@ if wanted build; then
     rm -rf "$BUILD_DIR"
     mkdir -p "$LOG_DIR"
   fi
-  step "configure ($GENERATOR, $BUILD_DIR)" | tee -a "$BUILD_LOG"
-  bounded "$BUILD_LOG" env CXX="$SMP_CXX" CC="$SMP_CC" cmake -S . -B "$BUILD_DIR" -G "$GENERATOR" \
-    -DSMP_USE_NCCL=ON -DPython_EXECUTABLE="$PYTHON3" \
-    -DCMAKE_CXX_COMPILER="$SMP_CXX" -DCMAKE_C_COMPILER="$SMP_CC"
-  rc=$?
+  # nlohmann-json is header-only and never downloaded here: fail early, by name.
+  NLOHMANN_ARGS=()
+  if [ -n "${SMP_NLOHMANN_PREFIX:-}" ]; then
+    NLOHMANN_ARGS=(-DCMAKE_PREFIX_PATH="$SMP_NLOHMANN_PREFIX")
+  fi
+  if [ -e "${SMP_NLOHMANN_PREFIX:-/usr}/include/nlohmann/json.hpp" ] ||
+    [ -e /usr/include/nlohmann/json.hpp ] || [ -e /usr/local/include/nlohmann/json.hpp ]; then
+    step "configure ($GENERATOR, $BUILD_DIR)" | tee -a "$BUILD_LOG"
+    bounded "$BUILD_LOG" env CXX="$SMP_CXX" CC="$SMP_CC" cmake -S . -B "$BUILD_DIR" -G "$GENERATOR" \
+      -DSMP_USE_NCCL=ON -DPython_EXECUTABLE="$PYTHON3" "${NLOHMANN_ARGS[@]}" \
+      -DCMAKE_CXX_COMPILER="$SMP_CXX" -DCMAKE_C_COMPILER="$SMP_CC"
+    rc=$?
+  else
+    echo "missing nlohmann/json.hpp: install the Debian package nlohmann-json3-dev" \
+      "(dpkg -i nlohmann-json3-dev_*.deb), or unpack it (dpkg -x <deb> DIR) and set" \
+      "SMP_NLOHMANN_PREFIX=DIR/usr" | tee -a "$BUILD_LOG"
+    rc=1
+  fi
   if [ "$rc" -eq 0 ]; then
     step "build (-j$(getconf _NPROCESSORS_ONLN))" | tee -a "$BUILD_LOG"
     bounded "$BUILD_LOG" cmake --build "$BUILD_DIR" -j"$(getconf _NPROCESSORS_ONLN)"

@@ -45,6 +45,11 @@ struct WriteOptions {
   int threads = 4;
   /// fsync the file and its directory before returning (durable checkpoint).
   bool fsync = true;
+  /// Write through "<path>.tmp-<pid>" and rename it over `path` (true), or
+  /// write `path` itself (false: `path` is already the caller's temporary
+  /// name, as SaveSession::temporary_path(), which SaveSession::commit renames:
+  /// each part is renamed once).
+  bool atomic = true;
   /// Free-form strings recorded in the index ("info").
   std::map<std::string, std::string> info;
   /// Testing: write ZIP64 structures even when no offset or size needs them.
@@ -68,9 +73,9 @@ struct WriteStats {
 };
 
 /// Writes `object` to `path` atomically: the bytes go to `<path>.tmp-<pid>`,
-/// which is fsynced and renamed over `path` (then the directory is fsynced).
-/// On any error the temporary is removed and an existing `path` is left as it
-/// was. Tensors may live on any device (they are copied to host) and have any
+/// which is fsynced and renamed over `path` (then the directory is fsynced);
+/// with `options.atomic` false straight to `path`. On any error the temporary
+/// is removed and an existing `path` is left as it was. Tensors may live on any device (they are copied to host) and have any
 /// strides (they are written contiguous). Throws CheckpointError naming the
 /// file, the failing call and the system's error text.
 WriteStats write_file(const std::string& path, const Value& object,

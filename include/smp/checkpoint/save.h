@@ -121,6 +121,13 @@ struct LoadStats {
 /// differs from this job's. Requires smp::init() when `partial`.
 std::string resolve_load_path(const std::string& f, bool partial, LoadStats* stats = nullptr);
 
+/// True when the manifest of partial checkpoint `f` records a layout this
+/// job's part cannot be read from as is: another pipeline or tensor degree, or
+/// sharded optimizer state saved with another rdp degree. False when `f` has no
+/// manifest or smp is not initialized. resolve_load_path refuses exactly these;
+/// smp.load(partial=True) reshards them (python/smp/_reshard.py).
+bool saved_layout_differs(const std::string& f);
+
 /// Reads this rank's part (partial) or `f` (full) with the restricted reader.
 Value load(const std::string& f, const LoadOptions& options = {}, LoadStats* stats = nullptr);
 

@@ -49,7 +49,7 @@ class NotSupportedError : public Error {
 
 /// A checkpoint file that cannot be written or read: a failing system call
 /// (the message names the file, the call and the system's error text), a file
-/// that is not a checkpoint, a missing record, or a refused pickle global.
+/// that is not a checkpoint, a missing record.
 class CheckpointError : public Error {
  public:
   using Error::Error;
@@ -58,6 +58,16 @@ class CheckpointError : public Error {
 /// A checkpoint file whose bytes are damaged: truncated, failing a CRC-32
 /// check, or with inconsistent ZIP or pickle structure.
 class CorruptCheckpointError : public CheckpointError {
+ public:
+  using CheckpointError::CheckpointError;
+};
+
+/// A checkpoint whose data.pkl needs more than plain data to load (a global
+/// that is not a tensor, storage or container type, an object hook, a bare
+/// storage): safe loading refuses it instead of running code. Callers that
+/// may fall back to a trusted loader (smp.load with weights_only=False, or
+/// torch.load's own allowlist) catch this class.
+class UnsafeLoadError : public CheckpointError {
  public:
   using CheckpointError::CheckpointError;
 };

@@ -11,7 +11,9 @@
 #include <fstream>
 #include <string>
 
-#include "checkpoint/zip.h"
+#include "checkpoint/io.h"
+#include "checkpoint/zip_reader.h"
+#include "checkpoint/zip_writer.h"
 #include "fixtures.h"
 #include "smp/checkpoint/format.h"
 #include "test_util.h"
@@ -378,6 +380,8 @@ TEST_F(CheckpointFormat, RestrictedUnpicklerRefusesCode) {
   EXPECT_HAS(msg, "safe loading refuses to run code from a checkpoint; if you trust this file, "
                   "load it with weights_only=False");
   EXPECT_HAS(error_of([&] { r.index(); }), "'os system'");
+  // The refusal has its own class, so that callers can fall back by type.
+  EXPECT_HAS(test::error_of<UnsafeLoadError>([&] { r.read_object(); }), "'os system'");
   EXPECT_FALSE(test::path_exists(marker));
 
   // Same with protocol 4's STACK_GLOBAL, and an opcode that builds objects.

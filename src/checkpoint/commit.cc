@@ -1,3 +1,6 @@
+// Commit: the protocol of a collective smp.save (SaveSession: save id,
+// rendezvous, manifest as the commit point, one rename per part, cleanup),
+// save() on top of it, and the rendering of save stats.
 #include "smp/checkpoint/save.h"
 
 #include <unistd.h>
@@ -9,10 +12,10 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <random>
 #include <thread>
 
-#include "checkpoint/zip.h"
+#include "checkpoint/commit.h"
+#include "checkpoint/io.h"
 #include "runtime_store.h"
 #include "smp/checkpoint/naming.h"
 #include "smp/config.h"
@@ -23,53 +26,11 @@
 namespace smp {
 namespace ckpt {
 
-namespace {
+namespace internal {
 
-using Clock = std::chrono::steady_clock;
-
-constexpr const char* kCallRule =
+const char* const kCallRule =
     "smp.save(partial=True) must be called by every rank with rdp_rank()==0 (not "
     "dp_rank()==0); with shard_optimizer_state every rank must call it";
-
-double since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-std::string parent_dir(const std::string& path) {
-  const std::size_t slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  if (slash == 0) return "/";
-  return path.substr(0, slash);
-}
-
-std::string base_name(const std::string& path) {
-  const std::size_t slash = path.find_last_of('/');
-  return slash == std::string::npos ? path : path.substr(slash + 1);
-}
-
-std::string join_dir(const std::string& dir, const std::string& name) {
-  return dir == "." ? name : (dir == "/" ? "/" + name : dir + "/" + name);
-}
-
-std::uint64_t fnv1a(const std::string& s) {
-  std::uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
-  return h;
-}
-
-std::string hex(std::uint64_t v, int digits = 16) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%0*llx", digits, static_cast<unsigned long long>(v));
-  return buf;
-}
-
-std::string new_save_id() {
-  std::random_device rd;
-  std::mt19937_64 gen((static_cast<std::uint64_t>(rd()) << 32) ^ rd() ^
-                      static_cast<std::uint64_t>(::getpid()) ^
-                      static_cast<std::uint64_t>(Clock::now().time_since_epoch().count()));
-  return hex(gen());
-}
 
 /// "rank 3 (pp_rank 0, tp_rank 1, rdp_rank 1, dp_rank 3)"
 std::string describe_rank(int r) {
@@ -84,17 +45,44 @@ std::string describe_ranks(const std::vector<int>& ranks) {
   return out;
 }
 
-std::string list_ints(const std::vector<int>& v) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
-  return out + "]";
-}
-
 std::string list_strings(const std::vector<std::string>& v) {
   if (v.empty()) return "none";
   std::string out;
   for (std::size_t i = 0; i < v.size(); ++i) out += (i ? ", '" : "'") + v[i] + "'";
   return out;
+}
+
+}  // namespace internal
+
+using internal::base_name;
+using internal::describe_rank;
+using internal::describe_ranks;
+using internal::kCallRule;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double since(Clock::time_point t0) { return internal::seconds_since(t0); }
+
+std::uint64_t fnv1a(const std::string& s) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+std::string hex(std::uint64_t v, int digits = 16) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%0*llx", digits, static_cast<unsigned long long>(v));
+  return buf;
+}
+
+std::string new_save_id() { return hex(internal::random_u64()); }
+
+std::string list_ints(const std::vector<int>& v) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+  return out + "]";
 }
 
 std::string store_get(c10d::Store& store, const std::string& key) {
@@ -160,15 +148,6 @@ std::string describe(const SaveStats& s) {
   return buf;
 }
 
-std::string describe(const LoadStats& s) {
-  char buf[512];
-  std::snprintf(buf, sizeof(buf),
-                "smp.load '%s'%s: %.3f GB in %.3f s (%.2f GB/s); open/verify %.3f s, read %.3f s, "
-                "deserialize %.3f s",
-                s.file.c_str(), s.smp_index ? "" : " (torch.save file)", s.bytes / 1e9,
-                s.seconds, s.gbps(), s.open_seconds, s.read_seconds, s.deserialize_seconds);
-  return buf;
-}
 
 // ---- saving ----------------------------------------------------------------
 
@@ -367,6 +346,7 @@ const std::string& SaveSession::temporary_path() const { return impl_->tmp; }
 WriteOptions SaveSession::write_options() const {
   const Impl& im = *impl_;
   WriteOptions w = im.options.write;
+  w.atomic = false;  // temporary_path() is the temporary: commit() renames it, once
   w.info["save_id"] = im.save_id;
   w.info["partial"] = im.options.partial ? "true" : "false";
   if (im.options.partial) {
@@ -412,16 +392,17 @@ SaveStats SaveSession::commit(const WriteStats& written, bool smp_index) {
   st.write_seconds = written.write_seconds;
   st.fsync_seconds = written.sync_seconds;
 
+  // The one rename of this part: its temporary name -> its final name.
   auto rename_into_place = [&] {
-    if (::rename(im.tmp.c_str(), im.path.c_str()) != 0) {
-      const int err = errno;
+    try {
+      internal::move_into_place(im.tmp, im.path, im.options.write.fsync,
+                                "the new part was written to '" + im.tmp +
+                                    "'; check the directory's permissions");
+    } catch (const std::exception&) {
       im.abort_all(detail::str("rank ", im.me, " could not rename '", im.tmp, "' to '", im.path,
                                "'"));
-      internal::throw_syscall(im.path, "rename", err,
-                              "the new part was written to '" + im.tmp +
-                                  "'; check the directory's permissions");
+      throw;
     }
-    if (im.options.write.fsync) internal::sync_directory(parent_dir(im.path));
   };
 
   if (!im.options.partial) {
@@ -591,167 +572,6 @@ SaveStats save(const Value& object, const std::string& f, const SaveOptions& opt
   st.rendezvous_seconds += start_wait;
   st.seconds += start_wait;
   return st;
-}
-
-// ---- loading ---------------------------------------------------------------
-
-namespace {
-
-struct Resolved {
-  std::string path;
-  std::optional<Reader> reader;
-  std::string save_id;
-};
-
-[[noreturn]] void throw_missing_part(const std::string& f, const std::string& expected,
-                                     const std::string& context) {
-  SMP_THROW(CheckpointError, "checkpoint '", f, "' has no part for ",
-            is_initialized() ? describe_rank(rank()) : std::string("this rank"), ": expected '",
-            expected, "'", context, "; files found with that prefix: ",
-            list_strings(files_with_prefix(f)),
-            ". Check the path and that the checkpoint was saved by every rank that had to "
-            "(", kCallRule, ")");
-}
-
-Resolved resolve(const std::string& f, bool partial) {
-  Resolved out;
-  if (!partial) {
-    out.path = f;
-    out.reader.emplace(f);
-    return out;
-  }
-  SMP_CHECK(is_initialized(), StateError, "smp.load('", f, "', partial=True) needs smp.init() "
-            "first (this rank's part is named after its pp/tp ranks)");
-  const int pp = pp_rank(), tp = tp_rank(), rdp = rdp_rank();
-
-  std::optional<Manifest> manifest;
-  std::string manifest_path;
-  for (const std::string& base : {f, alternate_pt_name(f)}) {
-    manifest_path = manifest_file_name(base);
-    manifest = read_manifest(manifest_path);
-    if (manifest) break;
-  }
-
-  if (manifest) {
-    const Manifest& m = *manifest;
-    SMP_CHECK(m.pp_size == pp_size() && m.tp_size == tp_size() &&
-                  (!m.v3 || m.rdp_size == rdp_size()),
-              CheckpointError, "checkpoint '", f, "' was saved with pipeline_parallel_degree ",
-              m.pp_size, ", tensor_parallel_degree ", m.tp_size,
-              m.v3 ? detail::str(" and rdp_size ", m.rdp_size, " (sharded optimizer state)")
-                   : std::string(),
-              " (manifest '", manifest_path, "') but this job has ", pp_size(), ", ", tp_size(),
-              m.v3 ? detail::str(" and rdp_size ", rdp_size()) : std::string(),
-              "; smp.load(partial=True) reads a partial checkpoint only on the layout it was "
-              "saved with. Resharding goes through model.load_state_dict(..., "
-              "same_partition_load=False) (not yet supported for partial checkpoints); load it "
-              "with the saved degrees, or save a full checkpoint (partial=False) and load that");
-    const ManifestFile* entry = m.find(pp, tp, rdp);
-    SMP_CHECK(entry != nullptr, CorruptCheckpointError, "checkpoint manifest '", manifest_path,
-              "' lists no part for pp_rank ", pp, ", tp_rank ", tp, ", rdp_rank ", rdp,
-              " although its layout matches this job; restore it from a good copy or save again");
-    const std::string dir = parent_dir(manifest_path);
-    const std::string path = join_dir(dir, entry->name);
-    const std::string rolled = temporary_file_name(path, m.save_id);
-    out.save_id = m.save_id;
-    if (!file_exists(path)) {
-      if (file_exists(rolled)) {
-        out.path = rolled;
-        out.reader.emplace(rolled);
-        return out;
-      }
-      throw_missing_part(f, path, detail::str(" (listed in manifest '", manifest_path,
-                                              "', save id ", m.save_id, ")"));
-    }
-    Reader reader(path);
-    std::string file_id;
-    if (reader.has_index()) {
-      auto it = reader.index().info.find("save_id");
-      if (it != reader.index().info.end()) file_id = it->second;
-    }
-    const bool matches = entry->smp_index
-                             ? file_id == m.save_id
-                             : (!reader.has_index() && [&] {
-                                 return internal::File::open_read(path).size() == entry->bytes;
-                               }());
-    if (!matches) {
-      if (file_exists(rolled)) {  // committed, rename not done yet: roll forward
-        out.path = rolled;
-        out.reader.emplace(rolled);
-        return out;
-      }
-      SMP_THROW(CheckpointError, "mixed checkpoint: '", path, "' belongs to save id '",
-                file_id.empty() ? std::string("<none: not written by this save>") : file_id,
-                "' but the manifest '", manifest_path, "' names save id '", m.save_id,
-                "' for it; the files come from different saves (copied together, or written "
-                "by a save that did not complete). Restore the checkpoint from one save or "
-                "save it again");
-    }
-    out.path = path;
-    out.reader.emplace(std::move(reader));
-    return out;
-  }
-
-  for (const auto& c : partial_candidates(f, pp, tp, rdp)) {
-    if (!file_exists(c)) continue;
-    Reader reader(c);
-    if (reader.has_index() && reader.index().info.count("save_id") != 0) {
-      SMP_THROW(CheckpointError, "incomplete checkpoint (no manifest; a save was interrupted): '",
-                c, "' was written by smp.save (save id ", reader.index().info.at("save_id"),
-                ") but its manifest '", manifest_file_name(f),
-                "' does not exist, so the save never committed. Load an earlier checkpoint or "
-                "save again");
-    }
-    out.path = c;
-    out.reader.emplace(std::move(reader));
-    return out;
-  }
-  const auto found = files_with_prefix(f);
-  const bool tmp = std::any_of(found.begin(), found.end(), [](const std::string& p) {
-    return p.find(".tmp-") != std::string::npos;
-  });
-  if (tmp) {
-    SMP_THROW(CheckpointError, "incomplete checkpoint (no manifest; a save was interrupted): ",
-              "only temporary parts of '", f, "' exist (", list_strings(found),
-              "); load an earlier checkpoint or save again");
-  }
-  throw_missing_part(f, partial_candidates(f, pp, tp, rdp).back(),
-                     detail::str(" (tried ", list_strings(partial_candidates(f, pp, tp, rdp)),
-                                 ")"));
-}
-
-}  // namespace
-
-std::string resolve_load_path(const std::string& f, bool partial, LoadStats* stats) {
-  const auto t0 = Clock::now();
-  Resolved r = resolve(f, partial);
-  if (stats != nullptr) {
-    stats->file = r.path;
-    stats->smp_index = r.reader->has_index();
-    stats->save_id = r.save_id;
-    stats->bytes = internal::File::open_read(r.path).size();
-    stats->open_seconds = since(t0);
-  }
-  return r.path;
-}
-
-Value load(const std::string& f, const LoadOptions& options, LoadStats* stats) {
-  const auto t0 = Clock::now();
-  LoadStats st;
-  Resolved r = resolve(f, options.partial);
-  st.file = r.path;
-  st.smp_index = r.reader->has_index();
-  st.save_id = r.save_id;
-  st.open_seconds = since(t0);
-  ReadStats rs;
-  Value v = r.reader->read_object(options.read, &rs);
-  st.bytes = internal::File::open_read(r.path).size();
-  st.read_seconds = rs.read_seconds;
-  st.deserialize_seconds = rs.unpickle_seconds + rs.build_seconds;
-  st.seconds = since(t0);
-  SMP_LOG(kInfo, describe(st));
-  if (stats != nullptr) *stats = st;
-  return v;
 }
 
 }  // namespace ckpt

@@ -1,0 +1,222 @@
+// Load: resolves which file smp.load reads on this rank (manifest, save id,
+// roll-forward of parts not renamed yet, layout check) and reads it, and the
+// rendering of load stats.
+#include "smp/checkpoint/save.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+
+#include "checkpoint/commit.h"
+#include "checkpoint/io.h"
+#include "smp/checkpoint/naming.h"
+#include "smp/core/error.h"
+#include "smp/core/logging.h"
+#include "smp/runtime.h"
+
+namespace smp {
+namespace ckpt {
+
+using internal::describe_rank;
+using internal::join_dir;
+using internal::kCallRule;
+using internal::list_strings;
+using internal::parent_dir;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double since(Clock::time_point t0) { return internal::seconds_since(t0); }
+
+}  // namespace
+
+std::string describe(const LoadStats& s) {
+  char buf[512];
+  std::snprintf(buf, sizeof(buf),
+                "smp.load '%s'%s: %.3f GB in %.3f s (%.2f GB/s); open/verify %.3f s, read %.3f s, "
+                "deserialize %.3f s",
+                s.file.c_str(), s.smp_index ? "" : " (torch.save file)", s.bytes / 1e9,
+                s.seconds, s.gbps(), s.open_seconds, s.read_seconds, s.deserialize_seconds);
+  return buf;
+}
+
+// ---- loading ---------------------------------------------------------------
+
+namespace {
+
+struct Resolved {
+  std::string path;
+  std::optional<Reader> reader;
+  std::string save_id;
+};
+
+[[noreturn]] void throw_missing_part(const std::string& f, const std::string& expected,
+                                     const std::string& context) {
+  SMP_THROW(CheckpointError, "checkpoint '", f, "' has no part for ",
+            is_initialized() ? describe_rank(rank()) : std::string("this rank"), ": expected '",
+            expected, "'", context, "; files found with that prefix: ",
+            list_strings(files_with_prefix(f)),
+            ". Check the path and that the checkpoint was saved by every rank that had to "
+            "(", kCallRule, ")");
+}
+
+// The manifest of `f` (or of its alternate ".pt" name); its path in *path.
+std::optional<Manifest> find_manifest(const std::string& f, std::string* path) {
+  for (const std::string& base : {f, alternate_pt_name(f)}) {
+    *path = manifest_file_name(base);
+    std::optional<Manifest> m = read_manifest(*path);
+    if (m) return m;
+  }
+  return std::nullopt;
+}
+
+// The one layout check: can this job's part be read from `m` as is?
+bool layout_differs(const Manifest& m) {
+  return m.pp_size != pp_size() || m.tp_size != tp_size() ||
+         (m.v3 && m.rdp_size != rdp_size());
+}
+
+Resolved resolve(const std::string& f, bool partial) {
+  Resolved out;
+  if (!partial) {
+    out.path = f;
+    out.reader.emplace(f);
+    return out;
+  }
+  SMP_CHECK(is_initialized(), StateError, "smp.load('", f, "', partial=True) needs smp.init() "
+            "first (this rank's part is named after its pp/tp ranks)");
+  const int pp = pp_rank(), tp = tp_rank(), rdp = rdp_rank();
+
+  std::string manifest_path;
+  const std::optional<Manifest> manifest = find_manifest(f, &manifest_path);
+
+  if (manifest) {
+    const Manifest& m = *manifest;
+    SMP_CHECK(!layout_differs(m),
+              CheckpointError, "checkpoint '", f, "' was saved with pipeline_parallel_degree ",
+              m.pp_size, ", tensor_parallel_degree ", m.tp_size,
+              m.v3 ? detail::str(" and rdp_size ", m.rdp_size, " (sharded optimizer state)")
+                   : std::string(),
+              " (manifest '", manifest_path, "') but this job has ", pp_size(), ", ", tp_size(),
+              m.v3 ? detail::str(" and rdp_size ", rdp_size()) : std::string(),
+              "; smp::ckpt::load reads a partial checkpoint only on the layout it was saved "
+              "with. Load it from Python with smp.load(f, partial=True), which reshards it "
+              "(docs/api.md, \"Resharding\"), or with the saved degrees");
+    const ManifestFile* entry = m.find(pp, tp, rdp);
+    SMP_CHECK(entry != nullptr, CorruptCheckpointError, "checkpoint manifest '", manifest_path,
+              "' lists no part for pp_rank ", pp, ", tp_rank ", tp, ", rdp_rank ", rdp,
+              " although its layout matches this job; restore it from a good copy or save again");
+    const std::string dir = parent_dir(manifest_path);
+    const std::string path = join_dir(dir, entry->name);
+    const std::string rolled = temporary_file_name(path, m.save_id);
+    out.save_id = m.save_id;
+    if (!file_exists(path)) {
+      if (file_exists(rolled)) {
+        out.path = rolled;
+        out.reader.emplace(rolled);
+        return out;
+      }
+      throw_missing_part(f, path, detail::str(" (listed in manifest '", manifest_path,
+                                              "', save id ", m.save_id, ")"));
+    }
+    Reader reader(path);
+    std::string file_id;
+    if (reader.has_index()) {
+      auto it = reader.index().info.find("save_id");
+      if (it != reader.index().info.end()) file_id = it->second;
+    }
+    const bool matches = entry->smp_index
+                             ? file_id == m.save_id
+                             : (!reader.has_index() && [&] {
+                                 return internal::File::open_read(path).size() == entry->bytes;
+                               }());
+    if (!matches) {
+      if (file_exists(rolled)) {  // committed, rename not done yet: roll forward
+        out.path = rolled;
+        out.reader.emplace(rolled);
+        return out;
+      }
+      SMP_THROW(CheckpointError, "mixed checkpoint: '", path, "' belongs to save id '",
+                file_id.empty() ? std::string("<none: not written by this save>") : file_id,
+                "' but the manifest '", manifest_path, "' names save id '", m.save_id,
+                "' for it; the files come from different saves (copied together, or written "
+                "by a save that did not complete). Restore the checkpoint from one save or "
+                "save it again");
+    }
+    out.path = path;
+    out.reader.emplace(std::move(reader));
+    return out;
+  }
+
+  for (const auto& c : partial_candidates(f, pp, tp, rdp)) {
+    if (!file_exists(c)) continue;
+    Reader reader(c);
+    if (reader.has_index() && reader.index().info.count("save_id") != 0) {
+      SMP_THROW(CheckpointError, "incomplete checkpoint (no manifest; a save was interrupted): '",
+                c, "' was written by smp.save (save id ", reader.index().info.at("save_id"),
+                ") but its manifest '", manifest_file_name(f),
+                "' does not exist, so the save never committed. Load an earlier checkpoint or "
+                "save again");
+    }
+    out.path = c;
+    out.reader.emplace(std::move(reader));
+    return out;
+  }
+  const auto found = files_with_prefix(f);
+  const bool tmp = std::any_of(found.begin(), found.end(), [](const std::string& p) {
+    return p.find(".tmp-") != std::string::npos;
+  });
+  if (tmp) {
+    SMP_THROW(CheckpointError, "incomplete checkpoint (no manifest; a save was interrupted): ",
+              "only temporary parts of '", f, "' exist (", list_strings(found),
+              "); load an earlier checkpoint or save again");
+  }
+  throw_missing_part(f, partial_candidates(f, pp, tp, rdp).back(),
+                     detail::str(" (tried ", list_strings(partial_candidates(f, pp, tp, rdp)),
+                                 ")"));
+}
+
+}  // namespace
+
+bool saved_layout_differs(const std::string& f) {
+  if (!is_initialized()) return false;
+  std::string path;
+  const std::optional<Manifest> m = find_manifest(f, &path);
+  return m && layout_differs(*m);
+}
+
+std::string resolve_load_path(const std::string& f, bool partial, LoadStats* stats) {
+  const auto t0 = Clock::now();
+  Resolved r = resolve(f, partial);
+  if (stats != nullptr) {
+    stats->file = r.path;
+    stats->smp_index = r.reader->has_index();
+    stats->save_id = r.save_id;
+    stats->bytes = internal::File::open_read(r.path).size();
+    stats->open_seconds = since(t0);
+  }
+  return r.path;
+}
+
+Value load(const std::string& f, const LoadOptions& options, LoadStats* stats) {
+  const auto t0 = Clock::now();
+  LoadStats st;
+  Resolved r = resolve(f, options.partial);
+  st.file = r.path;
+  st.smp_index = r.reader->has_index();
+  st.save_id = r.save_id;
+  st.open_seconds = since(t0);
+  ReadStats rs;
+  Value v = r.reader->read_object(options.read, &rs);
+  st.bytes = internal::File::open_read(r.path).size();
+  st.read_seconds = rs.read_seconds;
+  st.deserialize_seconds = rs.unpickle_seconds + rs.build_seconds;
+  st.seconds = since(t0);
+  SMP_LOG(kInfo, describe(st));
+  if (stats != nullptr) *stats = st;
+  return v;
+}
+
+}  // namespace ckpt
+}  // namespace smp
