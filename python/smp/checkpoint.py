@@ -353,8 +353,11 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
     os.makedirs(path, exist_ok=True)
     barrier()
     if model is not None and _C.rdp_rank() == 0:
-        sd = model.state_dict(gather_to_rank0=True)
-        if not translate_if_full:
+        if translate_if_full:
+            sd = model.state_dict(gather_to_rank0=True)
+        else:
+            # smp's own names (no smp.state.module_manager.translate_functions)
+            sd = model.state_dict(gather_to_rank0=True, translate=False)
             sd["_smp_is_partial"] = False
         if _C.rank() == 0:
             save(sd, os.path.join(path, tag), partial=False)
