@@ -363,6 +363,14 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
             save(sd, os.path.join(path, tag), partial=False)
     if optimizer is not None:
         osd = optimizer.state_dict()
+        if _C.pp_size() > 1 and isinstance(osd, dict) and isinstance(osd.get("state"), dict):
+            # state_dict() holds this pipeline stage's entries (positions are
+            # global, tensors full-sized): merge every stage's, so that the
+            # full checkpoint has them all.
+            state = {}
+            for part in allgather(osd["state"], CommGroup.PP_GROUP):
+                state.update(part)
+            osd = dict(osd, state=state, _smp_is_partial=False)
         if _C.rank() == 0:
             save(osd, os.path.join(path, f"optimizer_{tag}"), partial=False)
     if user_content is not None and _C.rank() == 0:

@@ -210,11 +210,11 @@ def checkpoint(directory):
     expected = [step(model, opt, i) for i in range(1, 3)]
     smp.shutdown()
 
+    model, opt = setup(777)
     if smp.rank() == 0:   # the full checkpoint is the plain model's state dict
         plain = build("gpt2", seed=3)
         plain.load_state_dict(torch.load(os.path.join(directory, "full1"), weights_only=True),
                               strict=True)
-    model, opt = setup(777)
     smp.resume_from_checkpoint(directory, tag="s1", partial=True)
     resumed = [step(model, opt, i) for i in range(1, 3)]
     assert max(abs(a - b) for a, b in zip(resumed, expected)) < 1e-6, (resumed, expected)
