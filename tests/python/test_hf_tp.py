@@ -79,6 +79,21 @@ def test_translations_round_trip_and_are_idempotent(smp_single):
         old)
 
 
+def test_registry_and_v1_import_paths(smp_single):
+    smp = smp_single
+    from transformers.models.bert.modeling_bert import BertLayer
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    from smdistributed.modelparallel.torch.nn.huggingface.gpt2 import (
+        translate_state_dict_to_hf_gpt2)
+    from smp.nn.huggingface import bert, gpt2
+
+    assert translate_state_dict_to_hf_gpt2 is gpt2.translate_state_dict_to_hf_gpt2
+    reg = smp.tp.registry()
+    assert reg[GPT2Block] is gpt2.DistributedGPT2Block
+    assert reg[BertLayer] is bert.DistributedBertLayer
+
+
 def test_layers_at_tp1_equal_the_originals(smp_single):
     """DistributedGPT2Block / DistributedBertLayer.from_module compute what
     the Hugging Face layer computes, with boolean, float and no masks."""
@@ -149,8 +164,9 @@ def test_tp4_and_tp2_rdp2():
 
 
 @pytest.mark.mpi
-def test_gpt2_tp2_pp2_training_and_checkpoints(tmp_path):
-    """tp 2 x pp 2 (module-level pipeline): training equal to the plain model;
-    partial checkpoint resume equal to uninterrupted training; the full
-    checkpoint is the Hugging Face model's state dict and resumes."""
-    _run(4, "train", "gpt2", 2, 2, "float32", "+", "checkpoint", tmp_path)
+def test_tp2_pp2_training_and_checkpoints(tmp_path):
+    """tp 2 x pp 2 (module-level pipeline): GPT-2 and BERT training equal to
+    the plain model; partial checkpoint resume equal to uninterrupted training;
+    the full checkpoint is the Hugging Face model's state dict and resumes."""
+    _run(4, "train", "gpt2", 2, 2, "float32", "+", "train", "bert", 2, 2, "float32",
+         "+", "checkpoint", tmp_path)
