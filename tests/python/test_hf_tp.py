@@ -26,7 +26,7 @@ def _gpt2(**kw):
 
     torch.manual_seed(0)
     cfg = dict(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
-               embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+               embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0)
     cfg.update(kw)
     return GPT2LMHeadModel(GPT2Config(**cfg))
 

@@ -32,7 +32,8 @@ def build(kind, dtype=torch.float32, seed=1234):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                         bos_token_id=0, eos_token_id=0)
         net = GPT2LMHeadModel(cfg)
     elif kind == "bert":
         from transformers import BertConfig, BertForMaskedLM
