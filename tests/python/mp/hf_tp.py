@@ -181,7 +181,8 @@ def roundtrip(directory):
 def checkpoint(directory):
     """GPT-2 at tp 2 x pp 2: partial save_checkpoint, resume in a differently
     initialised model equal to uninterrupted training; a full checkpoint is
-    the Hugging Face model's state dict and resumes."""
+    the Hugging Face model's state dict and resumes; the partial checkpoint
+    resumes on tp 4 x pp 1 (resharded) too."""
     def setup(seed):
         smp.init({"tensor_parallel_degree": 2, "pipeline_parallel_degree": 2,
                   "microbatches": 2, "ddp": True})
@@ -198,7 +199,7 @@ def checkpoint(directory):
 
     def step(model, opt, i):
         opt.zero_grad()
-        loss = train_step(model, rows(batch(i, 4 * smp.dp_size()))).reduce_mean()
+        loss = train_step(model, rows(batch(i, 8))).reduce_mean()   # the same global batch
         opt.step()
         t = loss.detach().reshape(1).clone()
         smp.comm.allreduce(t, smp.CommGroup.DP_GROUP)
@@ -225,6 +226,15 @@ def checkpoint(directory):
     smp.resume_from_checkpoint(directory, tag="full1", partial=False, load_optimizer=True)
     again = [step(model, opt, i) for i in range(1, 3)]
     assert max(abs(a - b) for a, b in zip(again, expected)) < 1e-5, (again, expected)
+    smp.shutdown()
+
+    # the partial checkpoint resumed on another layout (tp 4, no pipeline): resharded
+    smp.init({"tensor_parallel_degree": 4, "ddp": True})
+    model = smp.DistributedModel(build_tp("gpt2", seed=999))
+    opt = smp.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9))
+    smp.resume_from_checkpoint(directory, tag="s1", partial=True)
+    other = [step(model, opt, i) for i in range(1, 3)]
+    assert max(abs(a - b) for a, b in zip(other, expected)) < 1e-5, (other, expected)
     smp.shutdown()
 
 
