@@ -85,14 +85,33 @@ class ConfigView:
 class ModuleManager:
     """The part of smp v1's module manager that integrations touch.
 
-    ``translate_functions``: a plain list of callables ``fn(state_dict) ->
-    state_dict``. smp v1 appends its Hugging Face checkpoint translators here
-    and scripts append their own; smp keeps the list for the life of the
-    process so such code runs unchanged, but does not call the functions
-    itself (see docs/api.md)."""
+    ``translate_functions``: a list of callables ``fn(state_dict) ->
+    state_dict`` that turn smp's full state dict into the names of the
+    user's original model. smp.DistributedModel appends one
+    smp.nn.huggingface.HFTranslator per Hugging Face layer type it replaced
+    with tensor parallelism (removed at smp.shutdown); scripts may append
+    their own. DistributedModel.state_dict(gather_to_rank0=True) applies
+    every function in order (translate_full); load_state_dict of a full dict
+    applies, in reverse order, the ``inverse`` of those that have one
+    (translate_full_back)."""
 
     def __init__(self):
         self.translate_functions = []
+
+    def translate_full(self, state_dict):
+        """state_dict passed through every translate function, in order."""
+        for fn in list(self.translate_functions):
+            state_dict = fn(state_dict)
+        return state_dict
+
+    def translate_full_back(self, state_dict):
+        """state_dict passed through the ``inverse`` of every translate
+        function that has one, in reverse order (the others are skipped)."""
+        for fn in reversed(list(self.translate_functions)):
+            inverse = getattr(fn, "inverse", None)
+            if callable(inverse):
+                state_dict = inverse(state_dict)
+        return state_dict
 
 
 class State:

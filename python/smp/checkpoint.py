@@ -353,13 +353,24 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
     os.makedirs(path, exist_ok=True)
     barrier()
     if model is not None and _C.rdp_rank() == 0:
-        sd = model.state_dict(gather_to_rank0=True)
-        if not translate_if_full:
+        if translate_if_full:
+            sd = model.state_dict(gather_to_rank0=True)
+        else:
+            # smp's own names (no smp.state.module_manager.translate_functions)
+            sd = model.state_dict(gather_to_rank0=True, translate=False)
             sd["_smp_is_partial"] = False
         if _C.rank() == 0:
             save(sd, os.path.join(path, tag), partial=False)
     if optimizer is not None:
         osd = optimizer.state_dict()
+        if _C.pp_size() > 1 and isinstance(osd, dict) and isinstance(osd.get("state"), dict):
+            # state_dict() holds this pipeline stage's entries (positions are
+            # global, tensors full-sized): merge every stage's, so that the
+            # full checkpoint has them all.
+            state = {}
+            for part in allgather(osd["state"], CommGroup.PP_GROUP):
+                state.update(part)
+            osd = dict(osd, state=state, _smp_is_partial=False)
         if _C.rank() == 0:
             save(osd, os.path.join(path, f"optimizer_{tag}"), partial=False)
     if user_content is not None and _C.rank() == 0:

@@ -76,6 +76,7 @@ import weakref
 import torch
 
 from smp import _C, _objects, _runtime, _state, comm, tp
+from smp.nn import huggingface as hf
 from smp.pipeline import engine, modcall
 from smp.pipeline.module import PipelineModule
 from smp.pipeline.partition import trace_chain
@@ -267,6 +268,9 @@ class DistributedModel(torch.nn.Module):
 
     def _replace_tp_modules(self):
         object.__setattr__(self, "_net", tp.replace_marked(self._net))
+        # Replaced Hugging Face layers: their translators map the full state
+        # dict's names to and from the original model's.
+        hf.register_translators(self._net)
 
     @property
     def partitioned(self):
@@ -627,17 +631,27 @@ class DistributedModel(torch.nn.Module):
         sd[_C.PARTIAL_STATE_KEY] = True
         return sd
 
-    def state_dict(self, *args, gather_to_rank0=True, **kwargs):
+    def state_dict(self, *args, gather_to_rank0=True, translate=True, **kwargs):
         """The full model (full tensors, original names) on world rank 0, ``{}``
         on other ranks; loadable with strict=True into the unwrapped module.
         Collective over TP_GROUP (and, with pipeline parallelism, over the
         PP_GROUP of tp_rank 0): every rank with rdp_rank() == 0 must call it;
         ranks with rdp_rank() > 0 return {} at once. gather_to_rank0=False
-        gives local_state_dict()."""
+        gives local_state_dict().
+
+        The gathered dict passes through smp.state.module_manager.translate_functions
+        (the Hugging Face layers smp replaced get their original names back);
+        translate=False (an smp extension) returns smp's names."""
         if not gather_to_rank0:
             return self.local_state_dict(*args, **kwargs)
         if _C.rdp_rank() != 0:
             return {}
+        sd = self._gather_full()
+        if sd and translate:
+            sd = _state.state.module_manager.translate_full(sd)
+        return sd
+
+    def _gather_full(self):
         entries = _state_entries(self._net, self._is_local)
         stage = collections.OrderedDict(_C.state_dict_gather_full(entries, _C.tp_rank() == 0))
         if self._pipe is None:
@@ -666,7 +680,10 @@ class DistributedModel(torch.nn.Module):
         raise smp.ConfigError listing missing and unexpected keys. The rules are
         the engine's (smp/model/state_dict.h), shared with smp::DistributedModel.
         A dict that smp.load(partial=True) resharded from another layout carries
-        "_smp_resharded_from" and loads with same_partition_load=False only."""
+        "_smp_resharded_from" and loads with same_partition_load=False only.
+        A full dict in the original model's names (a Hugging Face state dict,
+        save_pretrained's) is first translated to smp's names by the inverse
+        of smp.state.module_manager.translate_functions."""
         resharded_from = state_dict.get("_smp_resharded_from") if hasattr(state_dict, "get") else None
         if resharded_from is not None:
             if same_partition_load:
@@ -681,6 +698,9 @@ class DistributedModel(torch.nn.Module):
                      if self._is_local(k)]
             missing, unexpected = _C.state_dict_load_partial(local, state_dict, strict)
         else:
+            # A full dict in the original model's names (a Hugging Face
+            # model's): back to smp's (no-op for a dict already in them).
+            state_dict = _state.state.module_manager.translate_full_back(state_dict)
             missing, unexpected = _C.state_dict_load_full(
                 _state_entries(self._net, self._is_local), state_dict, strict)
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)

@@ -18,9 +18,10 @@ through ``init_hook(*args, **kwargs) -> (args, kwargs)``) and then loaded with
 the full weights. ``forward_hook(*args, **kwargs) -> (args, kwargs)`` adapts the
 inputs of the replacement's forward and ``return_hook(output)`` its output.
 
-Built-in entries torch.nn.Linear -> smp.nn.DistributedLinear and
-torch.nn.Embedding -> smp.nn.DistributedEmbedding are resolved when first
-needed; a user registration of the same type takes precedence.
+Built-in entries torch.nn.Linear -> smp.nn.DistributedLinear,
+torch.nn.Embedding -> smp.nn.DistributedEmbedding and the Hugging Face layers
+of smp.nn.huggingface (transformers' GPT2Block, BertLayer) are resolved when
+first needed; a user registration of the same type takes precedence.
 
 As in smp v1, a replacement gets only the marking keywords that its
 from_module / constructor accepts, and a module that shares a parameter with a
@@ -104,6 +105,11 @@ def _resolve_builtins():
                              (torch.nn.Embedding, "DistributedEmbedding")):
         dist_cls = getattr(snn, name, None)
         if dist_cls is not None and module_cls not in _registry:
+            _registry[module_cls] = _Entry(dist_cls, builtin=True)
+    # Hugging Face layers (GPT2Block, BertLayer) of the modeling modules the
+    # program has imported (smp.nn.huggingface imports no transformers).
+    for module_cls, dist_cls in snn.huggingface.builtin_entries().items():
+        if module_cls not in _registry:
             _registry[module_cls] = _Entry(dist_cls, builtin=True)
 
 

@@ -134,8 +134,9 @@ std::optional<at::Tensor> maybe(const ParamGetter& get, const std::string& name)
 }
 
 void check_options(const TransformerOptions& o, const char* what) {
-  SMP_CHECK(o.activation == "gelu" || o.activation == "relu", ConfigError, what,
-            ": activation must be \"gelu\" or \"relu\", got \"", o.activation, "\"");
+  SMP_CHECK(o.activation == "gelu" || o.activation == "gelu_tanh" || o.activation == "relu",
+            ConfigError, what, ": activation must be \"gelu\", \"gelu_tanh\" or \"relu\", got \"",
+            o.activation, "\"");
 }
 
 at::Tensor layer_norm(const at::Tensor& t, const at::Tensor& weight, const at::Tensor& bias,
@@ -298,7 +299,11 @@ at::Tensor mlp_forward(const at::Tensor& x, const MlpWeights& w, const Transform
       o.pre_layernorm ? layer_norm(x, w.pre_ln_weight, w.pre_ln_bias, o.layernorm_epsilon) : x;
   const at::Tensor hin = enter(h, o.prescaled_batch);
   at::Tensor f = at::linear(hin, w.dense1_weight, w.dense1_bias);
-  f = o.activation == "gelu" ? at::gelu(f) : at::relu(f);
+  if (o.activation == "relu") {
+    f = at::relu(f);
+  } else {
+    f = at::gelu(f, o.activation == "gelu_tanh" ? "tanh" : "none");
+  }
   const at::Tensor mlp =
       leave(at::linear(f, w.dense2_weight, opt(w.dense2_bias)), x.size(0), o.prescaled_batch);
   at::Tensor out = x + replicated_dropout(mlp, o.hidden_dropout, o.training, o.prescaled_batch);

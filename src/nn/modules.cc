@@ -119,8 +119,10 @@ TransformerOptions transformer_options(const TransformerConfig& config, double a
             "DistributedTransformerLayer: num_attention_heads (", config.num_attention_heads,
             ") must be divisible by tensor_parallel_degree (", tp_size,
             ") so that every tp rank holds whole heads; change one of them");
-  SMP_CHECK(activation == "gelu" || activation == "relu", ConfigError,
-            "DistributedTransformerLayer: activation must be \"gelu\" or \"relu\", got \"",
+  SMP_CHECK(activation == "gelu" || activation == "gelu_tanh" || activation == "relu",
+            ConfigError,
+            "DistributedTransformerLayer: activation must be \"gelu\", \"gelu_tanh\" or "
+            "\"relu\", got \"",
             activation, "\"");
   SMP_CHECK(attention_dropout >= 0.0 && attention_dropout < 1.0 && hidden_dropout >= 0.0 &&
                 hidden_dropout < 1.0,

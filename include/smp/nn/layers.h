@@ -85,7 +85,8 @@ struct TransformerOptions {
   std::int64_t head_size = 64;
   double attention_dropout = 0.0;
   double hidden_dropout = 0.0;
-  std::string activation = "gelu";  ///< "gelu" | "relu"
+  /// "gelu" (erf) | "gelu_tanh" (tanh approximation: GPT-2's gelu_new) | "relu"
+  std::string activation = "gelu";
   double layernorm_epsilon = 1e-5;
   /// y = x + sublayer(LN(x)) (GPT style); with post_layernorm too, the post
   /// LayerNorm is applied to that sum, except that in a whole layer (as in

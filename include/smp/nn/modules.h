@@ -110,7 +110,7 @@ struct DistributedTransformerLayerOptions {
   TransformerConfig config;
   double attention_dropout_prob = 0.1;
   double hidden_dropout_prob = 0.1;
-  std::string activation = "gelu";
+  std::string activation = "gelu";  ///< "gelu" | "gelu_tanh" | "relu"
   double layernorm_epsilon = 1e-5;
   /// Causal (decoder) attention for sequences up to this length; nullopt: none.
   std::optional<std::int64_t> causal_mask_size;

@@ -50,3 +50,6 @@ from smp.nn import _unsupported  # noqa: E402
 for _name, _stub in _unsupported.STUBS.items():
     globals().setdefault(_name, _stub)
 del _name, _stub
+
+# Hugging Face layers (imports no transformers): smp.nn.huggingface.gpt2, .bert.
+from smp.nn import huggingface  # noqa: E402

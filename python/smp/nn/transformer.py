@@ -177,9 +177,10 @@ class DistributedAttentionLayer(_Sublayer):
 
 class DistributedTransformerOutputLayer(_Sublayer):
     """smp v1's MLP block: LN (pre_layernorm) -> dense1 (split by intermediate
-    unit) -> gelu/relu -> dense2 -> dropout -> residual add -> LN
-    (post_layernorm). Parameters ``dense1.*``, ``dense2.*``, ``pre_layernorm.*``,
-    ``layernorm.*``. ``forward(hidden_states)`` -> ``[N, S, H]``."""
+    unit) -> activation ("gelu", "relu", or "gelu_tanh": GPT-2's gelu_new) ->
+    dense2 -> dropout -> residual add -> LN (post_layernorm). Parameters
+    ``dense1.*``, ``dense2.*``, ``pre_layernorm.*``, ``layernorm.*``.
+    ``forward(hidden_states)`` -> ``[N, S, H]``."""
 
     def __init__(self, hidden_size=1024, intermediate_size=4096, hidden_dropout_prob=0.1,
                  activation="gelu", layernorm_epsilon=1e-5, initializer_range=0.02,

@@ -90,13 +90,44 @@ def _own_params(m):
     return list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
 
 
+def _sizes(m):
+    """(key, size) of every parameter under ``m``. A tensor-parallel module's
+    parameters count with their full shapes (its ``_smp_full_param_names``),
+    so that every tp rank computes the same placement from its own shards."""
+    out = []
+
+    def visit(mod):
+        full = getattr(mod, "_smp_full_param_names", None)
+        if callable(full) and callable(getattr(mod, "_smp_shard_specs", None)):
+            names = full()
+            if isinstance(names, dict):
+                for name, info in names.items():
+                    size = 1
+                    for d in info["global_shape"]:
+                        size *= int(d)
+                    out.append(((id(mod), name), size))
+                return
+        for p in mod.parameters(recurse=False):
+            out.append((id(p), p.numel()))
+        for child in mod.children():
+            visit(child)
+
+    visit(m)
+    return out
+
+
+def _numel(m):
+    """Parameters under ``m`` (full sizes, a tied parameter once)."""
+    return sum(dict(_sizes(m)).values())
+
+
 def _weight(m, counted):
     """Parameters of ``m`` not counted yet (a tied parameter counts once)."""
     total = 0
-    for p in m.parameters():
-        if id(p) not in counted:
-            counted.add(id(p))
-            total += p.numel()
+    for key, size in _sizes(m):
+        if key not in counted:
+            counted.add(key)
+            total += size
     return total
 
 
@@ -105,7 +136,7 @@ def _join(prefix, name):
 
 
 def _auto_units(root, num_stages):
-    total = sum(p.numel() for p in root.parameters())
+    total = _numel(root)
     units = [(n, c) for n, c in root.named_children()]
 
     def expand(i):
@@ -122,7 +153,7 @@ def _auto_units(root, num_stages):
                 break
         if changed:
             continue
-        weights = [sum(p.numel() for p in m.parameters()) for _, m in units]
+        weights = [_numel(m) for _, m in units]
         order = sorted(range(len(units)), key=lambda i: -weights[i])
         for i in order:
             m = units[i][1]
