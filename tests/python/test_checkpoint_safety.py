@@ -115,7 +115,7 @@ f, who, n, partial = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4
 if partial:
     smp.init({})
 for i in range(n):
-    smp.save({"who": who, "i": i, "w": torch.full((1000,), float(who * 1000 + i))}, f,
+    smp.save({"who": who, "i": i, "w": torch.full((1 << 20,), float(who * 1000 + i))}, f,
              partial=partial)
 print("saver OK", who, flush=True)
 smp.shutdown()
@@ -160,7 +160,7 @@ def test_two_processes_saving_one_name_serialise(tmp_path, partial):
     finally:
         smp.shutdown()
     assert got["i"] == n - 1 and got["who"] in (1, 2), got
-    assert torch.equal(got["w"], torch.full((1000,), float(got["who"] * 1000 + n - 1)))
+    assert torch.equal(got["w"], torch.full((1 << 20,), float(got["who"] * 1000 + n - 1)))
     leftovers = [p for p in os.listdir(tmp_path) if ".tmp-" in p]
     assert leftovers == [], leftovers
 
