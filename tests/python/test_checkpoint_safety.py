@@ -182,3 +182,133 @@ def test_save_waits_for_the_lock_and_fails_clearly(tmp_path, partial):
     rc, out = _finish(_python("-c", SAVER_CODE, f, "1", "1", "1" if partial else "0"))
     assert rc == 0, out
     assert not os.path.exists(dead)
+
+
+# ---- hostile files -------------------------------------------------------------
+
+def _zip(path, records, aliases=()):
+    """A stored ZIP written by hand: records [(name, data)]; aliases
+    [(name, target)] add central directory entries pointing at the local
+    header of the record `target` (what zipfile cannot write)."""
+    import struct
+    import zlib
+    out = bytearray()
+    central = []
+    where = {}
+    for name, data in records:
+        n = name.encode()
+        where[name] = (len(out), zlib.crc32(data), len(data))
+        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, zlib.crc32(data),
+                           len(data), len(data), len(n), 0) + n + data
+    entries = [(name, *where[name]) for name, _ in records]
+    entries += [(name, *where[target]) for name, target in aliases]
+    for name, offset, crc, size in entries:
+        n = name.encode()
+        central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, crc,
+                                   size, size, len(n), 0, 0, 0, 0, 0, offset) + n)
+    cd = b"".join(central)
+    cd_offset = len(out)
+    out += cd + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(cd),
+                            cd_offset, 0)
+    with open(path, "wb") as fh:
+        fh.write(bytes(out))
+    return path
+
+
+def _pkl(body):
+    return b"\x80\x02" + body + b"."
+
+
+def _archive(path, pkl, data=()):
+    return _zip(path, [("a/data.pkl", pkl), ("a/version", b"3\n")] +
+                [(f"a/data/{k}", v) for k, v in data])
+
+
+def _load_error(smp, path):
+    with pytest.raises(smp.CheckpointError) as info:
+        smp.load(path, partial=False)
+    assert path in str(info.value), str(info.value)
+    return info.value
+
+
+def _storage_tensor(key, numel, size, stride, memo=0):
+    """_rebuild_tensor_v2(('storage', torch.FloatStorage, key, 'cpu', numel), 0, size, stride,
+    False, OrderedDict()) as protocol-2 opcodes."""
+    def ints(xs):
+        return b"(" + b"".join(b"\x8a\x08" + x.to_bytes(8, "little", signed=True) for x in xs) + b"t"
+    k = key.encode()
+    return (b"ctorch._utils\n_rebuild_tensor_v2\n(" +
+            b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX" + len(k).to_bytes(4, "little") + k +
+            b"X\x03\x00\x00\x00cpu\x8a\x08" + numel.to_bytes(8, "little", signed=True) + b"tQ" +
+            b"K\x00" + ints(size) + ints(stride) + b"\x89ccollections\nOrderedDict\n)RtR")
+
+
+def test_deep_nesting_is_a_clear_error_not_a_crash(tmp_path):
+    levels = 200_000
+    pkl = _pkl(b"]" * levels + b"a" * (levels - 1))
+    path = _archive(str(tmp_path / "deep.pt"), pkl)
+    code = textwrap.dedent(f"""
+        import smp
+        try:
+            smp.load({path!r}, partial=False)
+        except smp.CheckpointError as e:
+            assert "deeper than 5000 levels" in str(e) and {path!r} in str(e), str(e)
+            print("deep OK")
+    """)
+    rc, out = _finish(_python("-c", code))
+    assert rc == 0 and "deep OK" in out, f"exit status {rc}\n{out[-3000:]}"
+
+
+def test_memo_reuse_is_bounded_by_the_file_size(smp_single, tmp_path):
+    body = b"]r\x00\x00\x00\x00"  # [] memo 0
+    depth = 40
+    for k in range(1, depth + 1):
+        prev = (k - 1).to_bytes(4, "little")
+        body += b"]j" + prev + b"aj" + prev + b"ar" + k.to_bytes(4, "little")
+    path = _archive(str(tmp_path / "memo.pt"), _pkl(body))
+    err = _load_error(smp_single, path)
+    assert isinstance(err, smp_single.CorruptCheckpointError) and "expands to more" in str(err)
+
+
+def test_zip_entries_sharing_one_record_are_refused(smp_single, tmp_path):
+    import zipfile
+    n = 20
+    pkl = _pkl(b"(" + b"".join(_storage_tensor(str(k), 1024, [1024], [1]) for k in range(n)) + b"l")
+    data = b"\0" * 4096
+    path = _zip(str(tmp_path / "alias.pt"), [("a/data.pkl", pkl), ("a/version", b"3\n"),
+                                            ("a/data/0", data)],
+                aliases=[(f"a/data/{k}", "a/data/0") for k in range(1, n)])
+    assert len(zipfile.ZipFile(path).namelist()) == n + 2
+    err = _load_error(smp_single, path)
+    assert isinstance(err, smp_single.CorruptCheckpointError) and "overlap" in str(err), str(err)
+    # Two directory entries with one name.
+    path = _zip(str(tmp_path / "dup.pt"), [("a/data.pkl", pkl[:0] + _pkl(b"N")),
+                                          ("a/version", b"3\n")],
+                aliases=[("a/data.pkl", "a/version")])
+    err = _load_error(smp_single, path)
+    assert "two central directory entries are named 'a/data.pkl'" in str(err), str(err)
+    # A control: the same writer without tricks loads.
+    ok = _archive(str(tmp_path / "ok.pt"), _pkl(_storage_tensor("0", 1024, [1024], [1])),
+                  [("0", data)])
+    assert torch.equal(smp_single.load(ok, partial=False), torch.zeros(1024))
+
+
+def test_size_stride_overflow_is_corrupt_not_a_torch_error(smp_single, tmp_path):
+    path = _archive(str(tmp_path / "ovf.pt"),
+                    _pkl(_storage_tensor("0", 4, [2 ** 62, 4], [4, 2 ** 62])),
+                    [("0", b"\0" * 16)])
+    err = _load_error(smp_single, path)
+    assert isinstance(err, smp_single.CorruptCheckpointError) and "overflows" in str(err), str(err)
+    path = _archive(str(tmp_path / "numel.pt"), _pkl(_storage_tensor("0", 2 ** 62, [1], [1])),
+                    [("0", b"")])
+    err = _load_error(smp_single, path)
+    assert isinstance(err, smp_single.CorruptCheckpointError), str(err)
+
+
+def test_non_utf8_bytes_in_an_error_are_escaped(smp_single, tmp_path):
+    # A storage key that is not UTF-8, whose record is missing: the message quotes it.
+    pkl = _pkl(_storage_tensor("0", 4, [4], [1]).replace(b"X\x01\x00\x00\x000", b"X\x02\x00\x00\x00\xff\xfe"))
+    path = _archive(str(tmp_path / "bytes.pt"), pkl)
+    err = _load_error(smp_single, path)
+    assert isinstance(err, smp_single.CorruptCheckpointError), repr(err)
+    assert "\\xff" in str(err), str(err)
