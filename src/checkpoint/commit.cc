@@ -129,11 +129,11 @@ bool is_part_name(const std::string& name, const std::string& stem) {
 
 double default_checkpoint_timeout_s() {
   const char* env = std::getenv("SMP_CHECKPOINT_TIMEOUT");
-  if (env == nullptr || *env == '\0') return 600.0;
+  if (env == nullptr || *env == '\0') return 60.0;
   char* end = nullptr;
   const double v = std::strtod(env, &end);
   SMP_CHECK(end != env && *end == '\0' && v > 0, ConfigError, "SMP_CHECKPOINT_TIMEOUT is '", env,
-            "'; set it to a positive number of seconds (default 600)");
+            "'; set it to a positive number of seconds (default 60)");
   return v;
 }
 
@@ -158,7 +158,7 @@ struct SaveSession::Impl {
   bool skipped = false;
   bool finished = false;
   bool aborted = false;
-  double timeout_s = 600;
+  double timeout_s = 60;
   std::vector<int> participants;
   int me = 0;
   int lowest = 0;

@@ -312,3 +312,32 @@ def test_non_utf8_bytes_in_an_error_are_escaped(smp_single, tmp_path):
     err = _load_error(smp_single, path)
     assert isinstance(err, smp_single.CorruptCheckpointError), repr(err)
     assert "\\xff" in str(err), str(err)
+
+
+# ---- the gather_to_rank0 misuse ------------------------------------------------
+
+GATHER_CODE = r"""
+import torch, smp
+smp.init({"tensor_parallel_degree": 2, "ddp": True})
+with smp.tensor_parallelism():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+model = smp.DistributedModel(net)
+if smp.dp_rank() == 0:  # the mistake: must be rdp_rank() == 0
+    try:
+        model.state_dict(gather_to_rank0=True)
+        print("NOERROR", smp.rank(), flush=True)
+    except smp.CommTimeoutError as e:
+        msg = str(e)
+        assert "rdp_rank() == 0" in msg and "never called it" in msg, msg
+        print("gather OK", smp.rank(), msg.replace("\n", " "), flush=True)
+else:
+    print("skipped", smp.rank(), "rdp", smp.rdp_rank(), "tp", smp.tp_rank(), flush=True)
+smp.barrier()
+"""
+
+
+@pytest.mark.mpi
+def test_gather_to_rank0_under_the_wrong_guard_raises_with_the_hint():
+    res = run_mpi_code(4, GATHER_CODE, env={"SMP_CHECKPOINT_TIMEOUT": "3"}, timeout=180)
+    assert "NOERROR" not in res.stdout, res.stdout
+    assert ok_ranks(res.stdout, "gather"), res.stdout
