@@ -61,7 +61,7 @@ def save(obj, f, partial=True, v3=None, pickle_module=None, pickle_protocol=2, *
     first such key; loading those needs weights_only=False or torch.load's
     weights_only allowlist. `pickle_module` (anything but the standard pickle)
     forces that path too. `timeout`: seconds to wait for the other participants
-    (default SMP_CHECKPOINT_TIMEOUT or 600). Returns the stats dict.
+    (default SMP_CHECKPOINT_TIMEOUT or 60). Returns the stats dict.
     """
     global last_save_stats
     if not isinstance(f, (str, os.PathLike)):

@@ -10,6 +10,7 @@
 //   smp::CorruptCheckpointError -> smp.CorruptCheckpointError (CheckpointError)
 //   smp::UnsafeLoadError   -> smp.UnsafeLoadError   (CheckpointError)
 
+#include <cstring>
 #include <exception>
 
 #include "bindings.h"
@@ -84,27 +85,40 @@ void bind_errors(py::module_& m) {
       "only if you trust the file.",
       {g_checkpoint_error});
 
+  // Messages are UTF-8, but may quote bytes of a damaged file that are not:
+  // those are escaped (\xNN) instead of turning the error into UnicodeDecodeError.
+  static auto set_error = [](PyObject* type, const char* what) {
+    PyObject* text = PyUnicode_DecodeUTF8(what, static_cast<Py_ssize_t>(std::strlen(what)),
+                                          "backslashreplace");
+    if (text == nullptr) {
+      PyErr_Clear();
+      PyErr_SetString(type, "(error message could not be decoded)");
+      return;
+    }
+    PyErr_SetObject(type, text);
+    Py_DECREF(text);
+  };
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const smp::TimeoutError& e) {
-      PyErr_SetString(g_timeout_error, e.what());
+      set_error(g_timeout_error, e.what());
     } catch (const smp::CommError& e) {
-      PyErr_SetString(g_comm_error, e.what());
+      set_error(g_comm_error, e.what());
     } catch (const smp::ConfigError& e) {
-      PyErr_SetString(g_config_error, e.what());
+      set_error(g_config_error, e.what());
     } catch (const smp::StateError& e) {
-      PyErr_SetString(g_state_error, e.what());
+      set_error(g_state_error, e.what());
     } catch (const smp::UnsafeLoadError& e) {
-      PyErr_SetString(g_unsafe_load_error, e.what());
+      set_error(g_unsafe_load_error, e.what());
     } catch (const smp::CorruptCheckpointError& e) {
-      PyErr_SetString(g_corrupt_checkpoint_error, e.what());
+      set_error(g_corrupt_checkpoint_error, e.what());
     } catch (const smp::CheckpointError& e) {
-      PyErr_SetString(g_checkpoint_error, e.what());
+      set_error(g_checkpoint_error, e.what());
     } catch (const smp::NotSupportedError& e) {
-      PyErr_SetString(g_not_supported_error, e.what());
+      set_error(g_not_supported_error, e.what());
     } catch (const smp::Error& e) {
-      PyErr_SetString(g_error, e.what());
+      set_error(g_error, e.what());
     }
   });
 }

@@ -16,6 +16,7 @@
 
 #include "checkpoint/commit.h"
 #include "checkpoint/io.h"
+#include "checkpoint/lock.h"
 #include "runtime_store.h"
 #include "smp/checkpoint/naming.h"
 #include "smp/config.h"
@@ -128,11 +129,11 @@ bool is_part_name(const std::string& name, const std::string& stem) {
 
 double default_checkpoint_timeout_s() {
   const char* env = std::getenv("SMP_CHECKPOINT_TIMEOUT");
-  if (env == nullptr || *env == '\0') return 600.0;
+  if (env == nullptr || *env == '\0') return 60.0;
   char* end = nullptr;
   const double v = std::strtod(env, &end);
   SMP_CHECK(end != env && *end == '\0' && v > 0, ConfigError, "SMP_CHECKPOINT_TIMEOUT is '", env,
-            "'; set it to a positive number of seconds (default 600)");
+            "'; set it to a positive number of seconds (default 60)");
   return v;
 }
 
@@ -157,7 +158,7 @@ struct SaveSession::Impl {
   bool skipped = false;
   bool finished = false;
   bool aborted = false;
-  double timeout_s = 600;
+  double timeout_s = 60;
   std::vector<int> participants;
   int me = 0;
   int lowest = 0;
@@ -169,6 +170,9 @@ struct SaveSession::Impl {
   std::string tmp;
   PartName part;
   double rendezvous_seconds = 0;
+  /// Held by the lowest participant (the caller of a full save) from before the
+  /// save id is drawn until the save completes: saves to one name serialise.
+  internal::SaveLock lock;
 
   bool is_lowest() const { return me == lowest; }
 
@@ -234,6 +238,17 @@ struct SaveSession::Impl {
     if (!tmp.empty()) ::unlink(tmp.c_str());
   }
 
+  /// Removes "<path>.tmp-*" left by earlier interrupted saves of this part.
+  /// Called under the lock after this save's rename: no other save of this name
+  /// is writing (its lowest participant would hold the lock), so every other
+  /// temporary belongs to a save that died.
+  void remove_leftovers() const {
+    const std::string pre = path + ".tmp-";
+    for (const auto& p : files_with_prefix(path, 1024)) {
+      if (p.compare(0, pre.size(), pre) == 0 && p != tmp) ::unlink(p.c_str());
+    }
+  }
+
   /// Who never called save, and who called but did not finish a stage.
   std::string missing_text(const std::vector<int>& missing, const char* stage,
                            double waited) const {
@@ -278,6 +293,8 @@ SaveSession::SaveSession(const std::string& f, const SaveOptions& options)
   im.options = options;
   im.timeout_s = options.timeout_s > 0 ? options.timeout_s : default_checkpoint_timeout_s();
   if (!options.partial) {
+    im.lock.acquire(internal::lock_file_name(f), im.timeout_s,
+                    detail::str("smp.save('", f, "', partial=False)"));
     im.save_id = new_save_id();
     im.path = f;
     im.tmp = temporary_file_name(f, im.save_id);
@@ -314,6 +331,14 @@ SaveSession::SaveSession(const std::string& f, const SaveOptions& options)
   im.base = detail::str(detail::store_key_prefix(), "ckpt/", hex(fnv1a(key)), "/", seq, "/");
   im.set("begin/" + std::to_string(im.me), "1");
   if (im.is_lowest()) {
+    try {
+      im.lock.acquire(internal::lock_file_name(f), im.timeout_s,
+                      detail::str("smp.save('", f, "', partial=True)"));
+    } catch (const std::exception& e) {
+      im.abort_all(e.what());  // the other participants raise the same message
+      im.finished = true;
+      throw;
+    }
     im.save_id = new_save_id();
     im.set("id", im.save_id);
   } else {
@@ -407,6 +432,8 @@ SaveStats SaveSession::commit(const WriteStats& written, bool smp_index) {
 
   if (!im.options.partial) {
     rename_into_place();
+    im.remove_leftovers();
+    im.lock.release();
     im.finished = true;
     st.commit_seconds = since(t0);
     st.seconds = written.seconds + st.commit_seconds;
@@ -496,13 +523,7 @@ SaveStats SaveSession::commit(const WriteStats& written, bool smp_index) {
   // Committed: move the new part into place. Readers roll forward from
   // "<name>.tmp-<save id>" for parts not renamed yet.
   rename_into_place();
-  {
-    // Leftovers of earlier interrupted saves of this part.
-    for (const auto& p : files_with_prefix(im.path, 1024)) {
-      const std::string pre = im.path + ".tmp-";
-      if (p.compare(0, pre.size(), pre) == 0) ::unlink(p.c_str());
-    }
-  }
+  im.remove_leftovers();
   im.set("renamed/" + std::to_string(im.me), "1");
   if (im.is_lowest()) {
     const auto missing = im.wait_all("renamed", im.participants, im.timeout_s);
@@ -526,6 +547,7 @@ SaveStats SaveSession::commit(const WriteStats& written, bool smp_index) {
       if (!listed) ::unlink(p.c_str());
     }
     im.set("complete", "1");
+    im.lock.release();
   } else {
     if (!im.wait_one("complete", im.timeout_s + std::min(10.0, im.timeout_s))) {
       SMP_LOG(kWarning, "smp.save of '", im.f, "' is committed but the lowest participant ",

@@ -9,6 +9,7 @@
 
 #include "checkpoint/commit.h"
 #include "checkpoint/io.h"
+#include "checkpoint/metadata.h"
 #include "smp/checkpoint/naming.h"
 #include "smp/core/error.h"
 #include "smp/core/logging.h"
@@ -22,6 +23,7 @@ using internal::join_dir;
 using internal::kCallRule;
 using internal::list_strings;
 using internal::parent_dir;
+using internal::check_part_identity;
 
 namespace {
 
@@ -71,6 +73,24 @@ std::optional<Manifest> find_manifest(const std::string& f, std::string* path) {
   return std::nullopt;
 }
 
+// Completeness: every part the manifest lists exists (or its rolled-forward
+// temporary does). Every rank checks every name (stat only), so every rank
+// raises the same error, naming the first missing file, and none trains on
+// half a checkpoint.
+void check_complete(const Manifest& m, const std::string& manifest_path) {
+  const std::string dir = parent_dir(manifest_path);
+  std::vector<std::string> missing;
+  for (const ManifestFile& e : m.files) {
+    const std::string p = join_dir(dir, e.name);
+    if (!file_exists(p) && !file_exists(temporary_file_name(p, m.save_id))) missing.push_back(p);
+  }
+  SMP_CHECK(missing.empty(), CheckpointError, "incomplete checkpoint: ", missing.size(), " of ",
+            m.files.size(), " parts listed in the manifest '", manifest_path, "' (save id ",
+            m.save_id, ") are missing: ", list_strings(missing),
+            ". Every rank refuses to load it (no rank may train on part of a checkpoint); "
+            "restore the missing files or load an earlier checkpoint");
+}
+
 // The one layout check: can this job's part be read from `m` as is?
 bool layout_differs(const Manifest& m) {
   return m.pp_size != pp_size() || m.tp_size != tp_size() ||
@@ -108,15 +128,25 @@ Resolved resolve(const std::string& f, bool partial) {
               "' lists no part for pp_rank ", pp, ", tp_rank ", tp, ", rdp_rank ", rdp,
               " although its layout matches this job; restore it from a good copy or save again");
     const std::string dir = parent_dir(manifest_path);
+    check_complete(m, manifest_path);
     const std::string path = join_dir(dir, entry->name);
     const std::string rolled = temporary_file_name(path, m.save_id);
     out.save_id = m.save_id;
-    if (!file_exists(path)) {
-      if (file_exists(rolled)) {
-        out.path = rolled;
-        out.reader.emplace(rolled);
-        return out;
+    // Part identity: the ranks the part's own index records must be this rank's
+    // (which the manifest entry, found by them, names too).
+    auto use = [&](const std::string& p, Reader reader) -> Resolved {
+      if (reader.has_index()) {
+        check_part_identity(reader.index(), p, pp, tp, entry->rdp_rank ? rdp : -1,
+                            detail::str("the manifest '", manifest_path, "' (entry '",
+                                        entry->name, "') and this rank (",
+                                        describe_rank(rank()), ")"));
       }
+      out.path = p;
+      out.reader.emplace(std::move(reader));
+      return std::move(out);
+    };
+    if (!file_exists(path)) {
+      if (file_exists(rolled)) return use(rolled, Reader(rolled));
       throw_missing_part(f, path, detail::str(" (listed in manifest '", manifest_path,
                                               "', save id ", m.save_id, ")"));
     }
@@ -133,9 +163,7 @@ Resolved resolve(const std::string& f, bool partial) {
                                }());
     if (!matches) {
       if (file_exists(rolled)) {  // committed, rename not done yet: roll forward
-        out.path = rolled;
-        out.reader.emplace(rolled);
-        return out;
+        return use(rolled, Reader(rolled));
       }
       SMP_THROW(CheckpointError, "mixed checkpoint: '", path, "' belongs to save id '",
                 file_id.empty() ? std::string("<none: not written by this save>") : file_id,
@@ -144,14 +172,16 @@ Resolved resolve(const std::string& f, bool partial) {
                 "by a save that did not complete). Restore the checkpoint from one save or "
                 "save it again");
     }
-    out.path = path;
-    out.reader.emplace(std::move(reader));
-    return out;
+    return use(path, std::move(reader));
   }
 
   for (const auto& c : partial_candidates(f, pp, tp, rdp)) {
     if (!file_exists(c)) continue;
     Reader reader(c);
+    if (reader.has_index()) {
+      check_part_identity(reader.index(), c, pp, tp, rdp,
+                          detail::str("its name and this rank (", describe_rank(rank()), ")"));
+    }
     if (reader.has_index() && reader.index().info.count("save_id") != 0) {
       SMP_THROW(CheckpointError, "incomplete checkpoint (no manifest; a save was interrupted): '",
                 c, "' was written by smp.save (save id ", reader.index().info.at("save_id"),

@@ -189,6 +189,25 @@ Index index_from_json(const std::string& text, const std::string& path) {
   return index;
 }
 
+void check_part_identity(const Index& index, const std::string& path, int pp, int tp, int rdp,
+                         const std::string& context) {
+  auto check = [&](const char* key, int expected) {
+    if (expected < 0) return;
+    auto it = index.info.find(key);
+    if (it == index.info.end()) return;
+    const std::string want = std::to_string(expected);
+    SMP_CHECK(it->second == want, CorruptCheckpointError, "checkpoint file '", path,
+              "' is the part of ", key, " ", it->second, " (its index says so) but ", context,
+              " expects ", key, " ", want,
+              ": the part files were renamed, swapped or copied under wrong names, or the "
+              "manifest is damaged. Restore the files under their saved names or save the "
+              "checkpoint again");
+  };
+  check("pp_rank", pp);
+  check("tp_rank", tp);
+  check("rdp_rank", rdp);
+}
+
 }  // namespace internal
 
 // ---- the index (declared in smp/checkpoint/format.h) ----------------------
@@ -238,6 +257,10 @@ std::string Manifest::to_json() const {
     list.push_back(std::move(e));
   }
   doc["files"] = std::move(list);
+  // The checksum of the canonical text (the compact dump of every other key, in
+  // this order), so that a damaged byte (a part's name or rank) is noticed.
+  const std::string canonical = internal::dump(doc);
+  doc["crc32"] = internal::crc32_update(0, canonical.data(), canonical.size());
   return internal::dump(doc);
 }
 
@@ -245,7 +268,7 @@ Manifest Manifest::from_json(const std::string& text, const std::string& path) {
   using namespace internal;
   Manifest m;
   try {
-    const Json doc = parse(text);
+    Json doc = parse(text);
     const std::string& format = as_string(member(doc, "format"), "format");
     SMP_CHECK(format == kManifestFormat, CorruptCheckpointError, "checkpoint manifest '", path,
               "' is not an smp manifest (format '", format,
@@ -254,6 +277,16 @@ Manifest Manifest::from_json(const std::string& text, const std::string& path) {
     SMP_CHECK(m.format_version <= kManifestVersion, CheckpointError, "checkpoint manifest '",
               path, "' has format_version ", m.format_version, ", newer than this smp (",
               SMP_VERSION, ") reads (", kManifestVersion, "); upgrade smp to read it");
+    if (doc.is_object() && doc.contains("crc32")) {
+      // Manifests written before the checksum existed have none and are accepted.
+      const auto stored = as_uint(doc["crc32"], "crc32");
+      doc.erase("crc32");
+      const std::string canonical = dump(doc);
+      const std::uint32_t computed = crc32_update(0, canonical.data(), canonical.size());
+      SMP_CHECK(stored == computed, CorruptCheckpointError, "checkpoint manifest '", path,
+                "' is damaged: its crc32 is ", stored, " but its content gives ", computed,
+                " (a changed byte); restore it from a good copy or save the checkpoint again");
+    }
     m.smp_version = as_string(member(doc, "smp_version"), "smp_version");
     m.save_id = as_string(member(doc, "save_id"), "save_id");
     m.v3 = as_bool(member(doc, "v3"), "v3");

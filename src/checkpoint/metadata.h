@@ -28,6 +28,14 @@ std::string index_to_json(const Index& index);
 /// is damaged: its smp/index.json record is malformed (...)".
 Index index_from_json(const std::string& text, const std::string& path);
 
+/// Part identity: checks that the ranks the index `info` of part `path` records
+/// (pp_rank, tp_rank, rdp_rank; each only when present, so files of earlier
+/// versions pass) equal `pp`, `tp` and, when `rdp` >= 0, `rdp`. Throws
+/// CorruptCheckpointError naming the file, both ranks and `context` (which
+/// says who expected them: the manifest entry, this rank).
+void check_part_identity(const Index& index, const std::string& path, int pp, int tp, int rdp,
+                         const std::string& context);
+
 /// Throws the CorruptCheckpointError of a malformed index of `path`.
 [[noreturn]] void throw_bad_index(const std::string& path, const std::string& why);
 

@@ -28,6 +28,31 @@ enum class GlobalKind {
   kRebuildTensor, kRebuildParameter, kOrderedDict, kStorageType, kCodecsEncode, kBytes
 };
 
+/// Counts the work of one expansion of the parse tree (a walk or a
+/// conversion); throws when a file asks for more than its size justifies.
+class Budget {
+ public:
+  Budget(std::size_t source_bytes, const std::string& file)
+      : left_(expansion_budget(source_bytes)), source_bytes_(source_bytes), file_(file) {}
+  void spend(std::uint64_t units) {
+    if (units <= left_) {
+      left_ -= units;
+      return;
+    }
+    SMP_THROW(CorruptCheckpointError, "checkpoint file '", file_, "' is damaged or hostile: its ",
+              source_bytes_, "-byte data.pkl expands to more than ",
+              expansion_budget(source_bytes_),
+              " objects and string bytes (shared memo references reused over and over); smp "
+              "checkpoints hold trees. Restore it from a good copy, or do not load files from "
+              "untrusted sources");
+  }
+
+ private:
+  std::uint64_t left_;
+  std::size_t source_bytes_;
+  const std::string& file_;
+};
+
 NodePtr make(Node::Type t) {
   auto n = std::make_shared<Node>();
   n->type = t;
@@ -70,6 +95,7 @@ class Unpickler {
         case 0x95: skip(8); break;  // FRAME: framing only
         case '.': {                 // STOP
           Unpickled out;
+          out.source_bytes = d_.size();
           out.root = pop();
           check_result(out.root);
           out.storages = std::move(storages_);
@@ -541,12 +567,21 @@ class Unpickler {
   void validate_view(const UnpickledTensor& t) const {
     const UnpickledStorage& s = storages_.at(t.storage);
     if (t.storage_offset < 0) corrupt("has a tensor with a negative storage offset");
+    if (t.size.size() != t.stride.size()) corrupt("has a tensor whose size and stride differ in length");
     std::int64_t numel = 1;
     std::int64_t last = t.storage_offset;
+    bool overflow = false;
     for (std::size_t i = 0; i < t.size.size(); ++i) {
       if (t.size[i] < 0 || t.stride[i] < 0) corrupt("has a tensor with a negative size or stride");
-      numel *= t.size[i];
-      if (t.size[i] > 0) last += (t.size[i] - 1) * t.stride[i];
+      std::int64_t reach = 0;
+      overflow |= __builtin_mul_overflow(numel, t.size[i], &numel);
+      if (t.size[i] > 0) {
+        overflow |= __builtin_mul_overflow(t.size[i] - 1, t.stride[i], &reach);
+        overflow |= __builtin_add_overflow(last, reach, &last);
+      }
+    }
+    if (overflow) {
+      corrupt("has a tensor whose size x stride overflows 64 bits (storage '" + s.key + "')");
     }
     if (numel > 0 && static_cast<std::uint64_t>(last) >= s.numel) {
       corrupt("has a tensor that reaches past the end of its storage '" + s.key + "'");
@@ -571,7 +606,8 @@ std::string key_component(const NodePtr& key) {
   if (key->type == Node::Type::kInt) return std::to_string(key->i);
   // Same rendering as the writer's path_component (Value::repr).
   struct Local {
-    static Value plain(const NodePtr& n) {
+    static Value plain(const NodePtr& n, std::size_t depth = 0) {
+      if (depth > kMaxNesting) return Value("<...>");
       switch (n->type) {
         case Node::Type::kNone: return Value();
         case Node::Type::kBool: return Value(n->b);
@@ -581,7 +617,7 @@ std::string key_component(const NodePtr& key) {
         case Node::Type::kBytes: return Value::bytes(n->s);
         case Node::Type::kTuple: {
           Value::Items items;
-          for (const auto& x : n->items) items.push_back(plain(x));
+          for (const auto& x : n->items) items.push_back(plain(x, depth + 1));
           return Value::tuple(std::move(items));
         }
         default: return Value("<" + std::string(node_type_name(n->type)) + ">");
@@ -592,9 +628,10 @@ std::string key_component(const NodePtr& key) {
 }
 
 void walk(const NodePtr& n, std::vector<std::string>& path,
-          std::unordered_set<const Node*>& active,
+          std::unordered_set<const Node*>& active, Budget& budget,
           const std::function<void(const std::vector<std::string>&, const UnpickledTensor&)>& fn,
           const std::string& file) {
+  budget.spend(1);
   if (n->type == Node::Type::kTensor) {
     fn(path, n->tensor);
     return;
@@ -603,25 +640,26 @@ void walk(const NodePtr& n, std::vector<std::string>& path,
       n->type != Node::Type::kDict) {
     return;
   }
-  if (!active.insert(n.get()).second || active.size() > 5000) {
+  if (!active.insert(n.get()).second || active.size() > kMaxNesting) {
     SMP_THROW(CheckpointError, "checkpoint file '", file, "': the object at '", join_path(path),
               "' contains itself (or nests deeper than 5000 levels); smp checkpoints hold trees");
   }
   if (n->type == Node::Type::kDict) {
     for (const auto& kv : n->pairs) {
       path.push_back(key_component(kv.first));
-      walk(kv.second, path, active, fn, file);
+      budget.spend(path.back().size());
+      walk(kv.second, path, active, budget, fn, file);
       path.pop_back();
     }
     if (n->attributes) {
       path.push_back("__dict__");
-      walk(n->attributes, path, active, fn, file);
+      walk(n->attributes, path, active, budget, fn, file);
       path.pop_back();
     }
   } else {
     for (std::size_t i = 0; i < n->items.size(); ++i) {
       path.push_back(std::to_string(i));
-      walk(n->items[i], path, active, fn, file);
+      walk(n->items[i], path, active, budget, fn, file);
       path.pop_back();
     }
   }
@@ -630,10 +668,14 @@ void walk(const NodePtr& n, std::vector<std::string>& path,
 
 class Converter {
  public:
-  Converter(const std::vector<at::Tensor>& storages, const std::string& file)
-      : storages_(storages), file_(file) {}
+  Converter(const std::vector<at::Tensor>& storages, const std::string& file,
+            std::size_t source_bytes)
+      : storages_(storages), file_(file), budget_(source_bytes, file) {}
 
   Value convert(const NodePtr& n) {
+    budget_.spend(1 + ((n->type == Node::Type::kString || n->type == Node::Type::kBytes)
+                           ? n->s.size()
+                           : 0));
     switch (n->type) {
       case Node::Type::kNone: return Value();
       case Node::Type::kBool: return Value(n->b);
@@ -648,7 +690,7 @@ class Converter {
                   node_type_name(n->type), "; ", kRefuseHint);
       default: break;
     }
-    if (!active_.insert(n.get()).second || active_.size() > 5000) {
+    if (!active_.insert(n.get()).second || active_.size() > kMaxNesting) {
       SMP_THROW(CheckpointError, "checkpoint file '", file_,
                 "': an object contains itself (or nests deeper than 5000 levels); smp "
                 "checkpoints hold trees");
@@ -685,6 +727,7 @@ class Converter {
 
   const std::vector<at::Tensor>& storages_;
   const std::string& file_;
+  Budget budget_;
   std::unordered_set<const Node*> active_;
   std::unordered_map<const Node*, at::Tensor> tensors_;
 };
@@ -700,12 +743,35 @@ void for_each_tensor(
     const std::function<void(const std::vector<std::string>&, const UnpickledTensor&)>& fn) {
   std::vector<std::string> path;
   std::unordered_set<const Node*> active;
-  walk(u.root, path, active, fn, file);
+  Budget budget(u.source_bytes, file);
+  walk(u.root, path, active, budget, fn, file);
 }
 
 Value to_value(const Unpickled& u, const std::vector<at::Tensor>& storages,
                const std::string& file) {
-  return Converter(storages, file).convert(u.root);
+  return Converter(storages, file, u.source_bytes).convert(u.root);
+}
+
+Node::~Node() {
+  // Children owned only by this node are emptied before they die, so no
+  // destructor recurses: the work list holds what is still to be taken apart.
+  std::vector<NodePtr> work;
+  auto take = [&work](Node& n) {
+    for (auto& x : n.items) work.push_back(std::move(x));
+    for (auto& kv : n.pairs) {
+      work.push_back(std::move(kv.first));
+      work.push_back(std::move(kv.second));
+    }
+    if (n.attributes) work.push_back(std::move(n.attributes));
+    n.items.clear();
+    n.pairs.clear();
+  };
+  take(*this);
+  while (!work.empty()) {
+    NodePtr p = std::move(work.back());
+    work.pop_back();
+    if (p && p.use_count() == 1) take(*p);
+  }
 }
 
 }  // namespace internal

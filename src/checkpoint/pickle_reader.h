@@ -43,6 +43,13 @@ struct UnpickledTensor {
 /// A node of the unpickled object graph. Containers hold shared nodes, so a
 /// memoized object referenced twice is one node (tied tensors stay tied).
 struct Node {
+  Node() = default;
+  Node(const Node&) = default;
+  Node& operator=(const Node&) = default;
+  /// Iterative: a hostile pickle nests objects arbitrarily deep, and a
+  /// recursive destruction of the tree would overflow the stack.
+  ~Node();
+
   enum class Type {
     kNone, kBool, kInt, kFloat, kString, kBytes, kList, kTuple, kDict, kTensor,
     // Intermediate objects that never reach a result.
@@ -65,7 +72,19 @@ using NodePtr = std::shared_ptr<Node>;
 struct Unpickled {
   NodePtr root;
   std::vector<UnpickledStorage> storages;
+  /// Size of the pickle; bounds the work of expanding shared (memo) nodes.
+  std::size_t source_bytes = 0;
 };
+
+/// Objects nest at most this deep (deeper: CheckpointError naming the file).
+constexpr std::size_t kMaxNesting = 5000;
+
+/// The most nodes (plus bytes of strings) the expansion of a pickle of
+/// `source_bytes` bytes may visit: memo references let a few bytes stand for
+/// a whole subtree, so a tiny file could otherwise expand exponentially.
+inline std::uint64_t expansion_budget(std::size_t source_bytes) {
+  return (std::uint64_t{1} << 20) + 64 * static_cast<std::uint64_t>(source_bytes);
+}
 
 /// Parses a pickle. `file` names the checkpoint in error messages.
 Unpickled unpickle(const std::string& data, const std::string& file);

@@ -20,6 +20,7 @@
 #include <thread>
 #include <utility>
 
+#include "checkpoint/metadata.h"
 #include "smp/checkpoint/naming.h"
 #include "smp/checkpoint/value.h"
 #include "smp/core/error.h"
@@ -132,6 +133,9 @@ ReshardSource::ReshardSource(const std::string& f) : impl_(std::make_unique<Impl
               sid == index.info.end() ? std::string("<none>") : sid->second,
               "' but the manifest '", im.manifest_path, "' names save id '", m.save_id,
               "'; restore the checkpoint from one save or save it again");
+    internal::check_part_identity(
+        index, path, mf.pp_rank, mf.tp_rank, mf.rdp_rank.value_or(-1),
+        detail::str("the manifest '", im.manifest_path, "' (entry '", mf.name, "')"));
     const auto names_it = index.info.find(kTensorNamesInfoKey);
     SMP_CHECK(names_it != index.info.end(), CheckpointError, "checkpoint '", f, "': part '",
               path, "' records no tensor names (index info '", kTensorNamesInfoKey,

@@ -171,7 +171,7 @@ void ZipReader::parse() {
     entry.size = usize;
     entry.header_offset = header;
     unsigned char lh[kLocalHeaderSize];
-    if (header + kLocalHeaderSize > file_size_) {
+    if (header > file_size_ || file_size_ - header < kLocalHeaderSize) {
       corrupt(path, "record '" + entry.name + "' starts past the end of the file");
     }
     file_.pread_exact(lh, sizeof(lh), header);
@@ -181,14 +181,33 @@ void ZipReader::parse() {
     }
     entry.data_offset = header + kLocalHeaderSize + get16(lh + 26) + get16(lh + 28);
     const std::uint64_t stored = entry.method == 0 ? usize : csize;
-    if (entry.data_offset + stored > file_size_) {
+    entry.stored_size = stored;
+    if (entry.data_offset > file_size_ || file_size_ - entry.data_offset < stored) {
       SMP_THROW(CorruptCheckpointError, "checkpoint file '", path, "' is truncated: record '",
                 entry.name, "' needs bytes up to offset ", entry.data_offset + stored,
                 " but the file has ", file_size_,
                 " bytes; restore it from a good copy or write the checkpoint again");
     }
-    by_name_.emplace(entry.name, entries_.size());
+    if (!by_name_.emplace(entry.name, entries_.size()).second) {
+      corrupt(path, "two central directory entries are named '" + entry.name + "'");
+    }
     entries_.push_back(std::move(entry));
+  }
+  // Every byte of the file belongs to at most one record: entries that share
+  // or overlap a record would let a small file stand for many big ones.
+  std::vector<const Entry*> by_offset;
+  by_offset.reserve(entries_.size());
+  for (const Entry& e : entries_) by_offset.push_back(&e);
+  std::sort(by_offset.begin(), by_offset.end(), [](const Entry* a, const Entry* b) {
+    return a->header_offset < b->header_offset;
+  });
+  for (std::size_t i = 1; i < by_offset.size(); ++i) {
+    const Entry& a = *by_offset[i - 1];
+    const Entry& b = *by_offset[i];
+    if (b.header_offset < a.data_offset + a.stored_size) {
+      corrupt(path, "records '" + a.name + "' and '" + b.name +
+                        "' overlap (their directory entries point into the same bytes)");
+    }
   }
 }
 
@@ -327,7 +346,12 @@ struct Reader::Impl {
     SMP_CHECK(rec != nullptr, CorruptCheckpointError, "checkpoint file '", path,
               "' is damaged: data.pkl references storage '", s.key, "' but the record '", prefix,
               "data/", s.key, "' is missing; restore it from a good copy");
-    const std::uint64_t want = s.numel * c10::elementSize(s.dtype);
+    std::uint64_t want = 0;
+    SMP_CHECK(!__builtin_mul_overflow(s.numel, static_cast<std::uint64_t>(c10::elementSize(s.dtype)),
+                                      &want),
+              CorruptCheckpointError, "checkpoint file '", path,
+              "' is damaged: storage '", s.key, "' declares ", s.numel,
+              " elements, more bytes than 64 bits count; restore it from a good copy");
     SMP_CHECK(rec->method == 0, CheckpointError, "checkpoint file '", path, "': record '",
               rec->name, "' is compressed; checkpoints must store tensor data uncompressed");
     SMP_CHECK(rec->size == want, CorruptCheckpointError, "checkpoint file '", path,

@@ -23,6 +23,9 @@ class ZipReader {
     std::uint64_t header_offset = 0;
     std::uint64_t data_offset = 0;
     std::uint64_t size = 0;
+    /// Bytes the record occupies after its local header (size, or the
+    /// compressed size of a compressed record).
+    std::uint64_t stored_size = 0;
     std::uint32_t crc = 0;
     std::uint16_t method = 0;
   };

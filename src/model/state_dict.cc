@@ -5,9 +5,17 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <mutex>
 #include <sstream>
+#include <thread>
 #include <unordered_set>
 
+#include "checkpoint/commit.h"
+#include "runtime_store.h"
+#include "smp/checkpoint/save.h"
 #include "smp/core/error.h"
 #include "smp/runtime.h"
 
@@ -44,6 +52,59 @@ const at::Tensor& value_of(const TensorMap& state, const std::string& name, cons
   return value;
 }
 
+/// Before the collective gather of a full state dict, every TP_GROUP member
+/// checks in through the job's store. A member missing after
+/// SMP_CHECKPOINT_TIMEOUT (default 60 s) is named, with the rule that is
+/// usually broken, instead of the gather hanging until SMP_COMM_TIMEOUT.
+void check_in_for_gather() {
+  std::vector<int> members = group_members(CommGroup::kTpGroup);
+  if (members.size() <= 1) return;
+  std::sort(members.begin(), members.end());
+  std::string group;
+  for (int r : members) group += (group.empty() ? "" : ",") + std::to_string(r);
+  static std::mutex mu;
+  static std::map<std::string, long> seqs;
+  long seq;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    seq = ++seqs[group];
+  }
+  const c10::intrusive_ptr<c10d::Store> store = detail::store();
+  const std::string base =
+      detail::str(detail::store_key_prefix(), "sdgather/", group, "/", seq, "/");
+  const std::string me = std::to_string(rank());
+  store->set(base + me, std::vector<std::uint8_t>{'1'});
+  const double timeout_s = ckpt::default_checkpoint_timeout_s();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  std::vector<int> missing = members;
+  auto sleep = std::chrono::milliseconds(1);
+  while (true) {
+    std::vector<int> still;
+    for (int r : missing) {
+      if (!store->check({base + std::to_string(r)})) still.push_back(r);
+    }
+    missing.swap(still);
+    if (missing.empty() || std::chrono::steady_clock::now() >= deadline) break;
+    std::this_thread::sleep_for(sleep);
+    sleep = std::min(sleep * 2, std::chrono::milliseconds(50));
+  }
+  SMP_CHECK(missing.empty(), TimeoutError, "state_dict(gather_to_rank0=True) on ",
+            ckpt::internal::describe_rank(rank()), " waited ", timeout_s, " s for ",
+            ckpt::internal::describe_ranks(missing),
+            " of its TP_GROUP, which never called it. The full state dict is gathered over "
+            "TP_GROUP: call model.state_dict() on every rank with rdp_rank() == 0 (`if "
+            "smp.rdp_rank() == 0:`), not only where dp_rank() == 0 (ranks with rdp_rank() > 0 "
+            "return {} at once, so calling it on every rank is also right). Raise "
+            "SMP_CHECKPOINT_TIMEOUT if a rank is only slow");
+  try {
+    if (store->add(base + "left", 1) == static_cast<std::int64_t>(members.size())) {
+      store->deleteKey(base + "left");
+      for (int r : members) store->deleteKey(base + std::to_string(r));
+    }
+  } catch (const std::exception&) {
+  }
+}
+
 }  // namespace
 
 bool is_partial(const TensorMap& state) {
@@ -57,6 +118,10 @@ TensorMap partial(TensorMap local) {
 }
 
 TensorMap gather_full(const std::vector<FullEntry>& entries, bool keep) {
+  if (std::any_of(entries.begin(), entries.end(),
+                  [](const FullEntry& e) { return e.local && e.gather; })) {
+    check_in_for_gather();
+  }
   at::NoGradGuard no_grad;
   TensorMap out;
   for (const FullEntry& e : entries) {

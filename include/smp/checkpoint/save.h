@@ -131,7 +131,7 @@ bool saved_layout_differs(const std::string& f);
 /// Reads this rank's part (partial) or `f` (full) with the restricted reader.
 Value load(const std::string& f, const LoadOptions& options = {}, LoadStats* stats = nullptr);
 
-/// SMP_CHECKPOINT_TIMEOUT in seconds (default 600); ConfigError when malformed.
+/// SMP_CHECKPOINT_TIMEOUT in seconds (default 60); ConfigError when malformed.
 double default_checkpoint_timeout_s();
 
 /// "save 3.21 GB in 1.20 s (2.68 GB/s): serialize ..., write ..., ..."

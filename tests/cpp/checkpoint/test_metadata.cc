@@ -105,8 +105,22 @@ TEST(Metadata, MalformedManifestIsCorruptNamingTheFile) {
   Manifest m;
   m.save_id = "id";
   m.files.push_back({"ck_0_0", 0, 0, std::nullopt, 0, 5, true});
-  const std::string good = m.to_json();
-  EXPECT_EQ(Manifest::from_json(good, "m.json").to_json(), good);
+  const std::string with_crc = m.to_json();
+  EXPECT_EQ(Manifest::from_json(with_crc, "m.json").to_json(), with_crc);
+  // The checksum: one changed byte of a name or a rank is noticed.
+  const std::size_t crc_at = with_crc.find(",\"crc32\":");
+  ASSERT_NE(crc_at, std::string::npos) << with_crc;
+  for (const char* from : {"ck_0_0", "\"tp_rank\":0"}) {
+    std::string flipped = with_crc;
+    const std::size_t at = flipped.find(from) + std::string(from).size() - 1;
+    flipped[at] = static_cast<char>(flipped[at] ^ 1);
+    EXPECT_HAS(thrown<CorruptCheckpointError>([&] { Manifest::from_json(flipped, "/ck/m.json"); }),
+               "checkpoint manifest '/ck/m.json' is damaged: its crc32 is");
+  }
+  // Manifests without a checksum (written before it existed) are read; the
+  // schema checks below run on one.
+  const std::string good = with_crc.substr(0, crc_at) + "}";
+  EXPECT_EQ(Manifest::from_json(good, "m.json").to_json(), with_crc);
   auto corrupt = [](const std::string& text) {
     return thrown<CorruptCheckpointError>([&] { Manifest::from_json(text, "/ck/m.json"); });
   };

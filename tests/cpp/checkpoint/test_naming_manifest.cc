@@ -184,7 +184,7 @@ TEST_F(CkptDir, PartialSaveSingleProcess) {
 
 TEST_F(CkptDir, TimeoutFromEnvironment) {
   ::unsetenv("SMP_CHECKPOINT_TIMEOUT");
-  EXPECT_EQ(default_checkpoint_timeout_s(), 600.0);
+  EXPECT_EQ(default_checkpoint_timeout_s(), 60.0);
   ::setenv("SMP_CHECKPOINT_TIMEOUT", "2.5", 1);
   EXPECT_EQ(default_checkpoint_timeout_s(), 2.5);
   ::setenv("SMP_CHECKPOINT_TIMEOUT", "soon", 1);

@@ -1,0 +1,69 @@
+// Lock: the flock on "<f>.smp_lock" that serialises concurrent saves to one name.
+#include "checkpoint/lock.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <thread>
+
+#include "checkpoint/io.h"
+#include "smp/core/error.h"
+
+namespace smp {
+namespace ckpt {
+namespace internal {
+
+std::string lock_file_name(const std::string& f) { return f + ".smp_lock"; }
+
+SaveLock::~SaveLock() { release(); }
+
+void SaveLock::release() {
+  if (fd_ >= 0) {
+    ::flock(fd_, LOCK_UN);
+    ::close(fd_);
+    fd_ = -1;
+  }
+}
+
+void SaveLock::acquire(const std::string& path, double timeout_s, const std::string& what) {
+  release();
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    throw_syscall(path, "open", errno,
+                  "the lock file of a save is created next to the checkpoint; check the "
+                  "directory's permissions");
+  }
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  auto sleep = std::chrono::milliseconds(1);
+  while (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    if (err == EINTR) continue;
+    if (err != EWOULDBLOCK) {
+      ::close(fd);
+      throw_syscall(path, "flock", err,
+                    "the file system may not support flock; save to a local or lock-capable "
+                    "file system");
+    }
+    if (std::chrono::steady_clock::now() >= deadline) {
+      ::close(fd);
+      SMP_THROW(CheckpointError, what, " did not start: another save to the same name (another "
+                "job or process) still held the lock file '", path, "' after ", timeout_s,
+                " s. Concurrent saves to one name are serialised; give each job its own "
+                "checkpoint path, or raise SMP_CHECKPOINT_TIMEOUT if the other save is only "
+                "slow. The checkpoint under this name is whatever the other save left "
+                "(complete)");
+    }
+    std::this_thread::sleep_for(sleep);
+    sleep = std::min(sleep * 2, std::chrono::milliseconds(50));
+  }
+  fd_ = fd;
+}
+
+}  // namespace internal
+}  // namespace ckpt
+}  // namespace smp
