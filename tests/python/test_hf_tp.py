@@ -92,6 +92,9 @@ def test_registry_and_v1_import_paths(smp_single):
     reg = smp.tp.registry()
     assert reg[GPT2Block] is gpt2.DistributedGPT2Block
     assert reg[BertLayer] is bert.DistributedBertLayer
+    from transformers.models.roberta.modeling_roberta import RobertaLayer
+
+    assert smp.tp.registry()[RobertaLayer] is bert.DistributedBertLayer
 
 
 def test_layers_at_tp1_equal_the_originals(smp_single):
@@ -150,10 +153,10 @@ def _run(np, *args):
 
 @pytest.mark.mpi
 def test_tp2_gpt2_float64_bert_float32_and_round_trips(tmp_path):
-    """tp 2: GPT-2 in float64 and BERT in float32 equal the plain model; the
-    state dict and save_pretrained round trips for both."""
+    """tp 2: GPT-2 in float64, BERT and RoBERTa in float32 equal the plain
+    model; the state dict and save_pretrained round trips for GPT-2 and BERT."""
     _run(2, "train", "gpt2", 2, 1, "float64", "+", "train", "bert", 2, 1, "float32",
-         "+", "roundtrip", tmp_path)
+         "+", "train", "roberta", 2, 1, "float32", "+", "roundtrip", tmp_path)
 
 
 @pytest.mark.mpi

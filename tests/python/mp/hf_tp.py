@@ -10,8 +10,8 @@ save_pretrained output round-tripping, and checkpoints.
     mpirun -np 4 python3 hf_tp.py train gpt2 4 1 float32 + train bert 2 1 float32
                                                              # several cases, "+" between
 
-MODEL: gpt2 (GPT2LMHeadModel, tied embeddings, labels, padding mask) or bert
-(BertForMaskedLM, tied embeddings, padding mask). Prints "hf_tp OK <rank>".
+MODEL: gpt2 (GPT2LMHeadModel, tied embeddings, labels, padding mask), bert
+(BertForMaskedLM, tied embeddings, padding mask) or roberta (RobertaForMaskedLM). Prints "hf_tp OK <rank>".
 """
 
 import os
@@ -43,6 +43,14 @@ def build(kind, dtype=torch.float32, seed=1234):
                          max_position_embeddings=32, hidden_dropout_prob=0.0,
                          attention_probs_dropout_prob=0.0)
         net = BertForMaskedLM(cfg)
+    elif kind == "roberta":
+        from transformers import RobertaConfig, RobertaForMaskedLM
+
+        cfg = RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=64,
+                            max_position_embeddings=40, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+        net = RobertaForMaskedLM(cfg)
     else:
         raise SystemExit(f"unknown model {kind}")
     return net.to(dtype)
@@ -78,11 +86,12 @@ def check_replaced(model, kind):
     from smp.nn.huggingface.gpt2 import DistributedGPT2Block
 
     m = model.get_module()
-    layers = m.transformer.h if kind == "gpt2" else m.bert.encoder.layer
+    layers = m.transformer.h if kind == "gpt2" else getattr(m, kind).encoder.layer
     want = DistributedGPT2Block if kind == "gpt2" else DistributedBertLayer
     assert all(type(layer) is want for layer in layers), [type(x) for x in layers]
     fns = smp.state.module_manager.translate_functions
-    assert [f.kind for f in fns if hasattr(f, "kind")] == [kind], fns
+    want_kind = "gpt2" if kind == "gpt2" else "bert"     # RoBERTa translates as BERT
+    assert [f.kind for f in fns if hasattr(f, "kind")] == [want_kind], fns
 
 
 def train(kind, tp, pp, dtype_name):

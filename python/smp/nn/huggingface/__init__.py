@@ -5,8 +5,9 @@ With tp_size() > 1, smp.DistributedModel replaces the marked layers of these
 types (smp.tensor_parallelism / smp.set_tensor_parallelism) by smp.nn
 distributed transformer layers:
 
-    transformers GPT2Block  -> smp.nn.huggingface.gpt2.DistributedGPT2Block
-    transformers BertLayer  -> smp.nn.huggingface.bert.DistributedBertLayer
+    transformers GPT2Block     -> smp.nn.huggingface.gpt2.DistributedGPT2Block
+    transformers BertLayer     -> smp.nn.huggingface.bert.DistributedBertLayer
+    transformers RobertaLayer  -> the same (smp.nn.huggingface.roberta)
 
 and registers, per replaced layer type, an HFTranslator in
 smp.state.module_manager.translate_functions: model.state_dict() translates
@@ -22,13 +23,14 @@ model does).
 import sys
 
 from smp import _runtime, _state
-from smp.nn.huggingface import bert, gpt2
+from smp.nn.huggingface import bert, gpt2, roberta
 from smp.nn.huggingface.translate import HFTranslator
 
 # modeling module, class name -> distributed class
 _TYPES = (
     ("transformers.models.gpt2.modeling_gpt2", "GPT2Block", gpt2.DistributedGPT2Block),
     ("transformers.models.bert.modeling_bert", "BertLayer", bert.DistributedBertLayer),
+    ("transformers.models.roberta.modeling_roberta", "RobertaLayer", bert.DistributedBertLayer),
 )
 
 
@@ -85,4 +87,5 @@ def _forget():
 
 _runtime.register_shutdown_hook(_forget)
 
-__all__ = ["bert", "gpt2", "HFTranslator", "builtin_entries", "register_translators"]
+__all__ = ["bert", "gpt2", "roberta", "HFTranslator", "builtin_entries",
+           "register_translators"]

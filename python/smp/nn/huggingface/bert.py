@@ -13,7 +13,7 @@ intermediate and output in one layer), and smp v1's translation functions.
 from smp.nn.huggingface import common, translate
 from smp.nn.transformer import DistributedTransformerLayer
 
-_WHO = "BERT (BertLayer)"
+_WHO = "BERT (BertLayer, RobertaLayer)"
 
 
 def layer_kwargs(config):
