@@ -17,6 +17,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "comm/bootstrap.h"
+#include "smp/checkpoint/save.h"
 #include "runtime_store.h"
 #include "comm/gloo/communicator.h"
 #include "comm/local/communicator.h"
@@ -308,6 +309,12 @@ void init(const ConfigMap& user) {
 }
 
 void shutdown() {
+  // An asynchronous checkpoint save in flight still needs the store.
+  try {
+    ckpt::wait_for_pending_saves();
+  } catch (const std::exception& e) {
+    SMP_LOG(kError, "smp.shutdown(): ", e.what());
+  }
   std::lock_guard<std::mutex> lock(g_mutex);
   if (g_state == nullptr) return;
   std::unique_ptr<State> s = std::move(g_state);

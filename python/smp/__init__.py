@@ -84,7 +84,9 @@ from smp.torch_dist import (  # noqa: E402
     get_tp_process_group,
     get_world_process_group,
 )
-from smp.checkpoint import load, resume_from_checkpoint, save, save_checkpoint  # noqa: E402
+from smp.checkpoint import (  # noqa: E402
+    AsyncSaveHandle, async_save, load, resume_from_checkpoint, save, save_checkpoint,
+    wait_for_pending_saves)
 from smp import comm  # noqa: E402
 from smp import nn  # noqa: E402
 from smp.tp import (  # noqa: E402

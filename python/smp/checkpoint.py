@@ -9,8 +9,14 @@ of them wrote their part (docs/file_format.md, "Commit protocol").
     if smp.rdp_rank() == 0:
         smp.save({"model": model.local_state_dict()}, "/ckpt/model.pt", partial=True)
     state = smp.load("/ckpt/model.pt", partial=True)
+
+Asynchronous saves (``smp.save(..., async_save=True)``, ``smp.async_save``,
+``smp.save_checkpoint(..., async_save=True)``) return an AsyncSaveHandle once
+the state is snapshotted; the next save, smp.load, smp.shutdown and process
+exit wait for the save in flight, and its error surfaces there (once).
 """
 
+import atexit
 import logging
 import os
 import shutil
@@ -18,7 +24,7 @@ import time
 
 import torch
 
-from smp import _C, _reshard, _state
+from smp import _C, _reshard, _runtime, _state
 from smp._C import CheckpointError, CommGroup, UnsafeLoadError
 from smp._objects import allgather, barrier
 from smp.optimizer import DistributedOptimizer
@@ -29,6 +35,78 @@ logger = logging.getLogger("smp.checkpoint")
 #: Stats of the last smp.save / smp.load on this rank (bytes, seconds, GB/s, phases).
 last_save_stats = None
 last_load_stats = None
+
+
+class AsyncSaveHandle:
+    """What an asynchronous save returns: wait() blocks until the files are
+    written and committed and returns the stats dict (raising the background
+    error, which names the file and the rank, once); done() polls."""
+
+    def __init__(self, handle=None, stats=None):
+        self._handle = handle
+        self._stats = stats
+
+    def done(self):
+        return self._handle is None or self._handle.done()
+
+    def wait(self):
+        global last_save_stats
+        if self._stats is None:
+            self._stats = self._handle.wait()
+            last_save_stats = self._stats
+        return self._stats
+
+    @property
+    def snapshot_seconds(self):
+        """Seconds the caller was stalled (the snapshot)."""
+        return self._handle.snapshot_seconds if self._handle is not None else 0.0
+
+
+def wait_for_pending_saves():
+    """Waits for the asynchronous save in flight, if any; raises its error
+    (smp.CheckpointError naming the file and the rank) when it failed and
+    nobody was told yet."""
+    _C.ckpt_wait_pending()
+
+
+_exit_hook_installed = False
+
+
+def _wait_at_exit():
+    try:
+        _C.ckpt_wait_pending()
+    except Exception as e:  # the process is ending: report, do not raise
+        import sys
+        print(f"smp: {e}", file=sys.stderr, flush=True)
+
+
+def _wait_at_shutdown():
+    try:
+        _C.ckpt_wait_pending()
+    except Exception as e:  # report; smp.shutdown must still release the engine
+        logger.error("%s", e)
+
+
+_runtime.register_shutdown_hook(_wait_at_shutdown)
+
+
+def _start_async(jobs, then=None):
+    """jobs: [(obj, f, partial, v3, suffix, timeout, shards)]. An AsyncSaveHandle,
+    or None when an object needs torch.save semantics (nothing was saved)."""
+    global _exit_hook_installed
+    if not _exit_hook_installed:
+        # After smp.init's own exit handler: atexit runs this one first.
+        atexit.register(_wait_at_exit)
+        _exit_hook_installed = True
+    h = _C.ckpt_async_save([(o, f, p, v3, sfx, t, True, sh) for o, f, p, v3, sfx, t, sh in jobs],
+                           then=then)
+    if isinstance(h, tuple):
+        i, where, what = h
+        logger.warning(
+            "smp.save('%s', async_save=True): %s at key '%s' is not a tensor, container or "
+            "primitive; saving synchronously with torch.save semantics", jobs[i][1], what, where)
+        return None
+    return AsyncSaveHandle(h)
 
 
 def _fsync_file(path):
@@ -46,7 +124,7 @@ def _default_v3():
 
 
 def save(obj, f, partial=True, v3=None, pickle_module=None, pickle_protocol=2, *,
-         timeout=None, _suffix=""):
+         timeout=None, async_save=False, _suffix=""):
     """Saves `obj` like torch.save, under smp's names.
 
     partial=True: collective among the participants (the caller's MP_GROUP, or
@@ -62,6 +140,12 @@ def save(obj, f, partial=True, v3=None, pickle_module=None, pickle_protocol=2, *
     weights_only allowlist. `pickle_module` (anything but the standard pickle)
     forces that path too. `timeout`: seconds to wait for the other participants
     (default SMP_CHECKPOINT_TIMEOUT or 60). Returns the stats dict.
+
+    async_save=True: returns an AsyncSaveHandle as soon as every tensor is
+    copied into the pinned snapshot arena (training may then change the
+    parameters; the file holds the values at the call); the file is written
+    and committed in a background thread. Waits first for the asynchronous
+    save still in flight, and raises its error if it failed.
     """
     global last_save_stats
     if not isinstance(f, (str, os.PathLike)):
@@ -70,7 +154,13 @@ def save(obj, f, partial=True, v3=None, pickle_module=None, pickle_protocol=2, *
     f = os.fspath(f)
     if v3 is None:
         v3 = _default_v3() if partial else False
+    _C.ckpt_wait_pending()  # one save at a time; a background error surfaces here
     stats = None
+    if async_save and (pickle_module is None or pickle_module.__name__ == "pickle"):
+        shards = _reshard.shard_records(obj) if partial else None
+        handle = _start_async([(obj, f, partial, bool(v3), _suffix, timeout, shards)])
+        if handle is not None:
+            return handle
     if pickle_module is None or pickle_module.__name__ == "pickle":
         # ---- resharding: shard records of the state dicts in obj (smp/_reshard.py) ----
         shards = _reshard.shard_records(obj) if partial else None
@@ -89,7 +179,13 @@ def save(obj, f, partial=True, v3=None, pickle_module=None, pickle_protocol=2, *
         stats = _save_with_torch(obj, f, partial, bool(v3), _suffix, timeout,
                                  pickle_module, pickle_protocol)
     last_save_stats = stats
-    return stats
+    return AsyncSaveHandle(stats=stats) if async_save else stats
+
+
+def async_save(obj, f, partial=True, v3=None, *, timeout=None):
+    """smp.save(obj, f, partial, v3, async_save=True): returns an AsyncSaveHandle
+    (wait() / done()) once the state is snapshotted."""
+    return save(obj, f, partial=partial, v3=v3, timeout=timeout, async_save=True)
 
 
 def _save_with_torch(obj, f, partial, v3, suffix, timeout, pickle_module, pickle_protocol):
@@ -199,6 +295,7 @@ def load(f, partial=True, map_location=None, weights_only=None, *, verify_checks
     global last_load_stats
     del back_compat  # smp v1's old names are among the candidates already
     f = os.fspath(f)
+    _C.ckpt_wait_pending()  # read what this process saved last
     if weights_only is None:
         weights_only = not _unsafe_load_switch()
     if not weights_only:
@@ -217,8 +314,10 @@ def load(f, partial=True, map_location=None, weights_only=None, *, verify_checks
         last_load_stats = stats
         return _apply_map_location(obj, map_location, {})
     # ---- end resharding ----
+    device = _direct_device(map_location)
     try:
-        obj, stats = _C.ckpt_load(f, partial=partial, verify_checksums=verify_checksums)
+        obj, stats = _C.ckpt_load(f, partial=partial, verify_checksums=verify_checksums,
+                                  device=device)
     except UnsafeLoadError as e:
         # Not plain data: torch's own safe unpickler may still allow it
         # (torch.Size, dtypes, ...); it never runs code either.
@@ -250,10 +349,29 @@ def load(f, partial=True, map_location=None, weights_only=None, *, verify_checks
         return _apply_map_location(obj, map_location, {})
     # ---- end resharding ----
     t0 = time.perf_counter()
-    obj = _apply_map_location(obj, map_location, {})
+    if device is None:
+        obj = _apply_map_location(obj, map_location, {})
     stats["deserialize_seconds"] += time.perf_counter() - t0
     last_load_stats = stats
     return obj
+
+
+def _direct_device(map_location):
+    """The device the engine loads tensors straight onto (a CUDA device given
+    as a str or torch.device, or {"cpu": device}); None: load on the CPU and
+    map afterwards."""
+    if isinstance(map_location, dict):
+        map_location = map_location.get("cpu") if set(map_location) == {"cpu"} else None
+    if isinstance(map_location, (str, torch.device)):
+        try:
+            d = torch.device(map_location)
+        except (RuntimeError, TypeError):
+            return None
+        if d.type == "cuda" and torch.cuda.is_available():
+            if d.index is None:
+                d = torch.device("cuda", torch.cuda.current_device())
+            return str(d)
+    return None
 
 
 # ---- save_checkpoint / resume_from_checkpoint -----------------------------------
@@ -282,8 +400,36 @@ def _layout():
     }
 
 
+def _update_newest(path, folder_name, num_kept_partial_checkpoints):
+    """Rank 0, once the partial checkpoint is complete: appends it to path/newest
+    and removes the checkpoints beyond num_kept_partial_checkpoints."""
+    newest = os.path.join(path, "newest")
+    lines = []
+    if os.path.isfile(newest):
+        with open(newest) as fd:
+            lines = [ln.strip() for ln in fd if ln.strip()]
+    lines = [ln for ln in lines if ln != folder_name] + [folder_name]
+    removed = []
+    if num_kept_partial_checkpoints is not None:
+        while len(lines) > num_kept_partial_checkpoints:
+            removed.append(lines.pop(0))
+    _C.ckpt_atomic_write(newest, "".join(ln + "\n" for ln in lines))
+    for old in removed:
+        old_dir = os.path.join(path, old)
+        if os.path.isdir(old_dir):
+            shutil.rmtree(old_dir)
+
+
+def _run_jobs(jobs):
+    stats = None
+    for obj, f, partial, v3, suffix in jobs:
+        stats = save(obj, f, partial=partial, v3=v3, _suffix=suffix)
+    return stats
+
+
 def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_content=None,
-                    translate_if_full=True, num_kept_partial_checkpoints=None):
+                    translate_if_full=True, num_kept_partial_checkpoints=None, *,
+                    async_save=False):
     """Saves a training checkpoint (collective on all ranks), in smp v1's layout:
 
     partial:  path/<tag>_partial/model_<pp>_<tp>.pt             (rdp_rank 0 ranks)
@@ -300,82 +446,94 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
     optimizer local_state_dict() / state_dict() (smp.DistributedModel and
     smp.DistributedOptimizer). num_kept_partial_checkpoints keeps only the
     newest N partial checkpoints listed in `newest`.
+
+    async_save=True: returns an AsyncSaveHandle once this rank's state is
+    snapshotted (the collectives that gather a full state dict run before);
+    the files are written and committed in the background, and rank 0 appends
+    the tag to `newest` when its saves are committed (which makes the whole
+    checkpoint complete: rank 0 takes part in every save of it). The next
+    save, smp.load, smp.shutdown and process exit wait for it.
     """
     if model is None and optimizer is None:
         logger.warning("smp.save_checkpoint: both model and optimizer are None; nothing saved")
-        return
+        return AsyncSaveHandle(stats={}) if async_save else None
     if num_kept_partial_checkpoints is not None and num_kept_partial_checkpoints <= 0:
         logger.warning("smp.save_checkpoint: num_kept_partial_checkpoints=%s is not positive; "
                        "keeping every checkpoint", num_kept_partial_checkpoints)
         num_kept_partial_checkpoints = None
+    _C.ckpt_wait_pending()  # a background error of the previous save surfaces here
     _check_tag(tag)
     path = os.fspath(path)
     sharded = _default_v3()
+    jobs = []  # (obj, f, partial, v3, suffix), in the order every participant saves them
+    finish = None
     if partial:
         folder_name = f"{tag}_partial"
         folder = os.path.join(path, folder_name)
         os.makedirs(folder, exist_ok=True)
         barrier()
         if model is not None and _C.rdp_rank() == 0:
-            save(model.local_state_dict(), os.path.join(folder, "model"), partial=True, v3=False,
-                 _suffix=".pt")
+            jobs.append((model.local_state_dict(), os.path.join(folder, "model"), True, False,
+                         ".pt"))
         if optimizer is not None and (sharded or _C.rdp_rank() == 0):
             # Each rdp rank saves its own shard (v3), tensors where they are.
             osd = (optimizer.local_state_dict(cast_to_cpu=False, gather_if_shard=False)
                    if isinstance(optimizer, DistributedOptimizer) else optimizer.local_state_dict())
-            save(osd, os.path.join(folder, "optimizer_states"),
-                 partial=True, v3=sharded, _suffix=".pt")
+            jobs.append((osd, os.path.join(folder, "optimizer_states"), True, sharded, ".pt"))
         if _C.rank() == 0:
             if user_content is not None:
-                save(user_content, os.path.join(folder, "user_content.pt"), partial=False)
+                jobs.append((user_content, os.path.join(folder, "user_content.pt"), False, False,
+                             ""))
             cfg = dict(_C.config())
             cfg.update(_layout())
-            save(cfg, os.path.join(folder, "smp_config.pt"), partial=False)
+            jobs.append((cfg, os.path.join(folder, "smp_config.pt"), False, False, ""))
+            keep = num_kept_partial_checkpoints
+            finish = lambda: _update_newest(path, folder_name, keep)  # noqa: E731
+    else:
+        os.makedirs(path, exist_ok=True)
         barrier()
-        if _C.rank() == 0:
-            newest = os.path.join(path, "newest")
-            lines = []
-            if os.path.isfile(newest):
-                with open(newest) as fd:
-                    lines = [ln.strip() for ln in fd if ln.strip()]
-            lines = [ln for ln in lines if ln != folder_name] + [folder_name]
-            removed = []
-            if num_kept_partial_checkpoints is not None:
-                while len(lines) > num_kept_partial_checkpoints:
-                    removed.append(lines.pop(0))
-            _C.ckpt_atomic_write(newest, "".join(ln + "\n" for ln in lines))
-            for old in removed:
-                old_dir = os.path.join(path, old)
-                if os.path.isdir(old_dir):
-                    shutil.rmtree(old_dir)
+        if model is not None and _C.rdp_rank() == 0:
+            if translate_if_full:
+                sd = model.state_dict(gather_to_rank0=True)
+            else:
+                # smp's own names (no smp.state.module_manager.translate_functions)
+                sd = model.state_dict(gather_to_rank0=True, translate=False)
+                sd["_smp_is_partial"] = False
+            if _C.rank() == 0:
+                jobs.append((sd, os.path.join(path, tag), False, False, ""))
+        if optimizer is not None:
+            osd = optimizer.state_dict()
+            if _C.pp_size() > 1 and isinstance(osd, dict) and isinstance(osd.get("state"), dict):
+                # state_dict() holds this pipeline stage's entries (positions are
+                # global, tensors full-sized): merge every stage's, so that the
+                # full checkpoint has them all.
+                state = {}
+                for part in allgather(osd["state"], CommGroup.PP_GROUP):
+                    state.update(part)
+                osd = dict(osd, state=state, _smp_is_partial=False)
+            if _C.rank() == 0:
+                jobs.append((osd, os.path.join(path, f"optimizer_{tag}"), False, False, ""))
+        if user_content is not None and _C.rank() == 0:
+            jobs.append((user_content, os.path.join(path, f"user_content_{tag}"), False, False,
+                         ""))
+    if async_save:
+        handle = _start_async(
+            [(o, f, p, v3, sfx, None, _reshard.shard_records(o) if p else None)
+             for o, f, p, v3, sfx in jobs], then=finish)
+        if handle is not None:
+            return handle
+        stats = _run_jobs(jobs)  # an object needs torch.save semantics: synchronously
+        if finish is not None:
+            finish()
+        return AsyncSaveHandle(stats=stats or {})
+    _run_jobs(jobs)
+    barrier()
+    if finish is not None:
+        finish()
         barrier()
-        return
-    os.makedirs(path, exist_ok=True)
-    barrier()
-    if model is not None and _C.rdp_rank() == 0:
-        if translate_if_full:
-            sd = model.state_dict(gather_to_rank0=True)
-        else:
-            # smp's own names (no smp.state.module_manager.translate_functions)
-            sd = model.state_dict(gather_to_rank0=True, translate=False)
-            sd["_smp_is_partial"] = False
-        if _C.rank() == 0:
-            save(sd, os.path.join(path, tag), partial=False)
-    if optimizer is not None:
-        osd = optimizer.state_dict()
-        if _C.pp_size() > 1 and isinstance(osd, dict) and isinstance(osd.get("state"), dict):
-            # state_dict() holds this pipeline stage's entries (positions are
-            # global, tensors full-sized): merge every stage's, so that the
-            # full checkpoint has them all.
-            state = {}
-            for part in allgather(osd["state"], CommGroup.PP_GROUP):
-                state.update(part)
-            osd = dict(osd, state=state, _smp_is_partial=False)
-        if _C.rank() == 0:
-            save(osd, os.path.join(path, f"optimizer_{tag}"), partial=False)
-    if user_content is not None and _C.rank() == 0:
-        save(user_content, os.path.join(path, f"user_content_{tag}"), partial=False)
-    barrier()
+    elif partial:
+        barrier()
+    return None
 
 
 def resume_from_checkpoint(path, tag=None, partial=True, strict=True, load_optimizer=True,

@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include <pybind11/functional.h>
 #include <pybind11/stl.h>
 
 #include <climits>
@@ -159,7 +160,8 @@ py::dict load_stats(const ckpt::LoadStats& s) {
 }
 
 ckpt::SaveOptions save_options(bool partial, bool v3, const std::string& suffix,
-                               std::optional<double> timeout_s, bool fsync, int threads) {
+                               std::optional<double> timeout_s, bool fsync, int threads,
+                               std::optional<bool> o_direct = std::nullopt) {
   ckpt::SaveOptions o;
   o.partial = partial;
   o.v3 = v3;
@@ -171,7 +173,20 @@ ckpt::SaveOptions save_options(bool partial, bool v3, const std::string& suffix,
   }
   o.write.fsync = fsync;
   o.write.threads = threads;
+  o.write.o_direct = o_direct;
   return o;
+}
+
+py::dict async_stats(ckpt::AsyncSave& h) {
+  ckpt::SaveStats st;
+  {
+    py::gil_scoped_release release;
+    st = h.wait();
+  }
+  py::dict d = save_stats(st);
+  d["snapshot_seconds"] = h.snapshot_seconds();
+  d["snapshot_bytes"] = h.snapshot_bytes();
+  return d;
 }
 
 }  // namespace
@@ -195,23 +210,75 @@ void bind_checkpoint(py::module_& m) {
         ckpt::SaveStats st;
         {
           py::gil_scoped_release release;
-          st = ckpt::save(v, f, opts);
+          st = ckpt::save(v, f, opts);  // waits for an asynchronous save in flight first
         }
         return save_stats(st);
       },
       py::arg("obj"), py::arg("f"), py::arg("partial") = true, py::arg("v3") = false,
       py::arg("suffix") = "", py::arg("timeout") = py::none(), py::arg("fsync") = true,
-      py::arg("threads") = 4, py::arg("shards") = py::none(),
+      py::arg("threads") = 0, py::arg("shards") = py::none(),
       R"doc(Saves `obj` in smp's format with the commit protocol; returns the stats
 dict, or (key path, type) of the first leaf smp's format does not hold (nothing
 is written then: the caller falls back to SaveSession + torch.save).)doc");
+
+  py::class_<ckpt::AsyncSave>(m, "AsyncSave",
+                              "Handle of an asynchronous smp.save (smp::ckpt::AsyncSave).")
+      .def("done", &ckpt::AsyncSave::done,
+           "True once the background write and commit ended (success or error).")
+      .def("wait", &async_stats,
+           "Waits; returns the stats dict (with snapshot_seconds, snapshot_bytes) or raises "
+           "the background error (once), which names the file and the rank.")
+      .def_property_readonly("snapshot_seconds", &ckpt::AsyncSave::snapshot_seconds)
+      .def_property_readonly("snapshot_bytes", &ckpt::AsyncSave::snapshot_bytes);
+
+  m.def(
+      "ckpt_async_save",
+      [](const py::list& jobs, std::optional<std::function<void()>> then) -> py::object {
+        // Each job: (obj, f, partial, v3, suffix, timeout, fsync, shards).
+        std::vector<ckpt::AsyncSaveItem> items;
+        for (std::size_t i = 0; i < jobs.size(); ++i) {
+          py::tuple j = jobs[i].cast<py::tuple>();
+          ckpt::AsyncSaveItem item;
+          try {
+            item.object = to_value(j[0], "");
+          } catch (const Unsupported& u) {
+            return py::make_tuple(i, u.path, u.type);
+          }
+          item.f = j[1].cast<std::string>();
+          item.options = save_options(j[2].cast<bool>(), j[3].cast<bool>(),
+                                      j[4].cast<std::string>(),
+                                      j[5].cast<std::optional<double>>(), j[6].cast<bool>(), 0);
+          annotate_shards(item.object, j[7], item.options);
+          items.push_back(std::move(item));
+        }
+        ckpt::AsyncSave h;
+        {
+          py::gil_scoped_release release;
+          h = ckpt::async_save_all(std::move(items), then ? *then : std::function<void()>());
+        }
+        return py::cast(h);
+      },
+      py::arg("jobs"), py::arg("then") = py::none(),
+      R"doc(Snapshots the objects of `jobs` ((obj, f, partial, v3, suffix, timeout,
+fsync, shards) each), then writes and commits them one after the other in a
+background thread, then calls `then` (with the GIL). Returns an AsyncSave, or
+(job index, key path, type) of the first leaf smp's format does not hold
+(nothing is saved then).)doc");
+
+  m.def("ckpt_wait_pending", &ckpt::wait_for_pending_saves,
+        py::call_guard<py::gil_scoped_release>(),
+        "Waits for the asynchronous save in flight; raises its error if it failed and was "
+        "not reported yet.");
+  m.def("ckpt_save_in_flight", &ckpt::save_in_flight,
+        "True while an asynchronous save is in flight.");
 
   py::class_<ckpt::SaveSession>(m, "SaveSession",
                                 "One collective save whose file the caller writes itself.")
       .def(py::init([](const std::string& f, bool partial, bool v3, const std::string& suffix,
                        std::optional<double> timeout_s) {
-             const auto opts = save_options(partial, v3, suffix, timeout_s, true, 4);
+             const auto opts = save_options(partial, v3, suffix, timeout_s, true, 0);
              py::gil_scoped_release release;
+             ckpt::wait_for_pending_saves();  // one save at a time, in the same order everywhere
              return std::make_unique<ckpt::SaveSession>(f, opts);
            }),
            py::arg("f"), py::arg("partial") = true, py::arg("v3") = false, py::arg("suffix") = "",
@@ -248,11 +315,13 @@ is written then: the caller falls back to SaveSession + torch.save).)doc");
 
   m.def(
       "ckpt_load",
-      [](const std::string& f, bool partial, bool verify, int threads) {
+      [](const std::string& f, bool partial, bool verify, int threads,
+         std::optional<std::string> device) {
         ckpt::LoadOptions o;
         o.partial = partial;
         o.read.verify_checksums = verify;
         o.read.threads = threads;
+        if (device) o.read.device = c10::Device(*device);
         ckpt::LoadStats st;
         Value v;
         {
@@ -262,8 +331,10 @@ is written then: the caller falls back to SaveSession + torch.save).)doc");
         return py::make_tuple(to_python(v), load_stats(st));
       },
       py::arg("f"), py::arg("partial") = true, py::arg("verify_checksums") = true,
-      py::arg("threads") = 4,
-      "Reads this rank's part (partial) or `f` with the restricted reader: (object, stats).");
+      py::arg("threads") = 0, py::arg("device") = py::none(),
+      "Reads this rank's part (partial) or `f` with the restricted reader: (object, stats). "
+      "device (e.g. 'cuda:0'): tensors are created there, each chunk copied from the "
+      "pinned staging pool straight into its destination.");
 
   m.def("ckpt_saved_layout_differs", &ckpt::saved_layout_differs, py::arg("f"),
         py::call_guard<py::gil_scoped_release>(),

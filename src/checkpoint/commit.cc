@@ -577,7 +577,8 @@ SaveStats SaveSession::commit(const WriteStats& written, bool smp_index) {
   return st;
 }
 
-SaveStats save(const Value& object, const std::string& f, const SaveOptions& options) {
+SaveStats internal::save_now(const Value& object, const std::string& f,
+                             const SaveOptions& options) {
   const auto t0 = Clock::now();
   SaveSession session(f, options);
   if (session.skipped()) return session.commit(WriteStats{});

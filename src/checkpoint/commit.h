@@ -1,9 +1,12 @@
 #pragma once
 /// Commit (internal): texts that the commit protocol (commit.cc) and load
-/// resolution (load.cc) both put into their errors.
+/// resolution (load.cc) both put into their errors, and the save that
+/// async_save.cc runs in its background thread.
 
 #include <string>
 #include <vector>
+
+#include "smp/checkpoint/save.h"
 
 namespace smp {
 namespace ckpt {
@@ -18,6 +21,10 @@ std::string describe_rank(int rank);
 std::string describe_ranks(const std::vector<int>& ranks);
 /// "'a', 'b'" or "none".
 std::string list_strings(const std::vector<std::string>& items);
+
+/// save() without waiting for an asynchronous save first (the background
+/// thread of async_save runs it).
+SaveStats save_now(const Value& object, const std::string& f, const SaveOptions& options);
 
 }  // namespace internal
 }  // namespace ckpt

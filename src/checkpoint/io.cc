@@ -88,6 +88,15 @@ File File::create(const std::string& path) {
   return f;
 }
 
+File File::open_direct(const std::string& path) {
+  File f;
+  f.path_ = path;
+#ifdef O_DIRECT
+  f.fd_ = ::open(path.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
+#endif
+  return f;  // fd_ < 0: no O_DIRECT here (EINVAL on tmpfs and some others)
+}
+
 std::uint64_t File::size() const {
   struct stat st {};
   if (::fstat(fd_, &st) != 0) throw_syscall(path_, "fstat", errno);

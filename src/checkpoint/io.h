@@ -34,6 +34,9 @@ class File {
   static File open_read(const std::string& path);
   /// Creates a new file for writing (fails when it exists).
   static File create(const std::string& path);
+  /// A second, O_DIRECT descriptor for writing an existing file; not open
+  /// (is_open() false) where the file system refuses O_DIRECT.
+  static File open_direct(const std::string& path);
 
   const std::string& path() const { return path_; }
   bool is_open() const { return fd_ >= 0; }

@@ -230,6 +230,7 @@ std::string resolve_load_path(const std::string& f, bool partial, LoadStats* sta
 }
 
 Value load(const std::string& f, const LoadOptions& options, LoadStats* stats) {
+  wait_for_pending_saves();  // read what this process saved last
   const auto t0 = Clock::now();
   LoadStats st;
   Resolved r = resolve(f, options.partial);

@@ -11,6 +11,7 @@
 #include <functional>
 #include <mutex>
 
+#include "checkpoint/host_buffers.h"
 #include "checkpoint/metadata.h"
 #include "checkpoint/pickle_reader.h"
 #include "checkpoint/pickle_writer.h"
@@ -361,14 +362,32 @@ struct Reader::Impl {
   }
 
   /// Reads a whole record into dst in parallel chunks; returns its CRC-32.
-  std::uint32_t read_record(const ZipReader::Entry& rec, void* dst, int threads,
-                            bool crc) const {
+  /// With `pool`, dst is ignored: each chunk is read into a staging slot,
+  /// checked there and copied into `device_bytes` (a uint8 device tensor).
+  std::uint32_t read_record(const ZipReader::Entry& rec, void* dst, int threads, bool crc,
+                            const at::Tensor& device_bytes = {},
+                            internal::SlotPool* pool = nullptr) const {
     const std::uint64_t n = rec.size;
     const std::size_t chunks = static_cast<std::size_t>((n + kChunk - 1) / kChunk);
     std::vector<std::uint32_t> crcs(chunks, 0);
     parallel_for(chunks, threads, [&](std::size_t k) {
       const std::uint64_t begin = k * kChunk;
       const std::size_t len = static_cast<std::size_t>(std::min<std::uint64_t>(kChunk, n - begin));
+      if (pool != nullptr) {
+        const std::size_t slot = pool->acquire();
+        try {
+          char* p = pool->data(slot);
+          zip.file().pread_exact(p, len, rec.data_offset + begin);
+          if (crc) crcs[k] = internal::crc32_update(0, p, len);
+          device_bytes.narrow(0, static_cast<std::int64_t>(begin), static_cast<std::int64_t>(len))
+              .copy_(pool->tensor(slot, len));
+        } catch (...) {
+          pool->release(slot);
+          throw;
+        }
+        pool->release(slot);
+        return;
+      }
       char* p = static_cast<char*>(dst) + begin;
       zip.file().pread_exact(p, len, rec.data_offset + begin);
       if (crc) crcs[k] = internal::crc32_update(0, p, len);
@@ -445,12 +464,20 @@ Value Reader::read_object(const ReadOptions& options, ReadStats* stats) const {
   });
 
   t0 = std::chrono::steady_clock::now();
+  const IoDefaults defaults = io_defaults();
+  const int threads = options.threads > 0 ? options.threads : defaults.threads;
+  // A device destination: chunks go through the pinned staging pool and are
+  // copied straight into the device storages.
+  const bool to_device = !options.device.is_cpu();
+  std::unique_lock<std::mutex> pool_lock;
+  internal::SlotPool* pool =
+      to_device ? &internal::staging_pool(defaults.pool_bytes, &pool_lock) : nullptr;
   std::vector<at::Tensor> storages(u.storages.size());
   std::vector<const ZipReader::Entry*> records(u.storages.size());
   for (std::size_t i = 0; i < u.storages.size(); ++i) {
     records[i] = im.record(u.storages[i]);
     storages[i] = at::empty({static_cast<std::int64_t>(u.storages[i].numel)},
-                            at::TensorOptions().dtype(u.storages[i].dtype));
+                            at::TensorOptions().dtype(u.storages[i].dtype).device(options.device));
   }
   // Large records are split across the threads inside read_record; small ones
   // are read by one thread each.
@@ -460,13 +487,17 @@ Value Reader::read_object(const ReadOptions& options, ReadStats* stats) const {
   }
   auto load = [&](std::size_t i, int threads) {
     const std::uint32_t crc =
-        im.read_record(*records[i], storages[i].data_ptr(), threads, options.verify_checksums);
+        to_device && records[i]->size > 0
+            ? im.read_record(*records[i], nullptr, threads, options.verify_checksums,
+                             storages[i].view({-1}).view(at::kByte), pool)
+            : im.read_record(*records[i], storages[i].data_ptr(), threads,
+                             options.verify_checksums);
     if (options.verify_checksums && crc != records[i]->crc) {
       im.crc_mismatch(*records[i], u.storages[i].key, storage_path[i], crc);
     }
   };
-  for (std::size_t i : big) load(i, options.threads);
-  parallel_for(little.size(), options.threads, [&](std::size_t k) { load(little[k], 1); });
+  for (std::size_t i : big) load(i, threads);
+  parallel_for(little.size(), threads, [&](std::size_t k) { load(little[k], 1); });
   if (stats != nullptr) {
     stats->read_seconds = since(t0);
     for (const auto* r : records) stats->tensor_bytes += r->size;
@@ -537,7 +568,9 @@ at::Tensor Reader::read_tensor(const TensorEntry& entry, const ReadOptions& opti
   at::Tensor storage = at::empty({static_cast<std::int64_t>(rec->size / es)},
                                  at::TensorOptions().dtype(entry.dtype));
   const std::uint32_t crc =
-      im.read_record(*rec, storage.data_ptr(), options.threads, options.verify_checksums);
+      im.read_record(*rec, storage.data_ptr(),
+                     options.threads > 0 ? options.threads : io_defaults().threads,
+                     options.verify_checksums);
   if (options.verify_checksums && crc != rec->crc) {
     im.crc_mismatch(*rec, entry.key, internal::join_path(entry.path), crc);
   }

@@ -13,6 +13,7 @@
 #include "checkpoint/io.h"
 #include "checkpoint/metadata.h"
 #include "checkpoint/pickle_writer.h"
+#include "checkpoint/pipeline.h"
 #include "checkpoint/value_util.h"
 #include "checkpoint/zip_records.h"
 #include "smp/checkpoint/format.h"
@@ -207,8 +208,6 @@ std::uint64_t ZipLayout::total_size() const {
 
 using internal::File;
 using internal::kIndexRecord;
-using internal::kIoChunk;
-using internal::parallel_for;
 using internal::seconds_since;
 using internal::ZipLayout;
 
@@ -257,17 +256,16 @@ WriteStats write_file(const std::string& path, const Value& object, const WriteO
                 (options.alignment & (options.alignment - 1)) == 0,
             CheckpointError, "WriteOptions.alignment ", options.alignment, " for '", path,
             "' is invalid; use a power of two between 64 and 65536 (default 4096)");
-  SMP_CHECK(options.threads >= 1, CheckpointError, "WriteOptions.threads is ", options.threads,
-            " for '", path, "'; use 1 or more");
+  SMP_CHECK(options.threads >= 0, CheckpointError, "WriteOptions.threads is ", options.threads,
+            " for '", path, "'; use 1 or more (0: SMP_CKPT_THREADS or the machine's default)");
+  const IoDefaults defaults = io_defaults();
+  const int threads = options.threads > 0 ? options.threads : defaults.threads;
+  const std::size_t pool_bytes = options.pool_bytes > 0 ? options.pool_bytes : defaults.pool_bytes;
+  const bool o_direct = options.o_direct.value_or(defaults.o_direct);
 
   // 1. Pickle and lay out every record; offsets are final from here on.
   internal::Pickled pickled = internal::pickle_object(object);
   stats.pickle_seconds = since(t0);
-
-  auto t1 = std::chrono::steady_clock::now();
-  std::vector<at::Tensor> host(pickled.storages.size());
-  for (std::size_t i = 0; i < host.size(); ++i) host[i] = internal::host_bytes(pickled.storages[i].tensor);
-  stats.copy_seconds = since(t1);
 
   const std::string a = archive_name(path) + "/";
   const std::string storage_alignment = std::to_string(options.alignment);
@@ -291,35 +289,20 @@ WriteStats write_file(const std::string& path, const Value& object, const WriteO
 
   // 2. Write the records, then make the file durable and visible.
   auto write_records = [&](File& file) {
-    t1 = std::chrono::steady_clock::now();
-    struct Task {
-      std::size_t storage;
-      std::uint64_t begin, length;
-    };
-    std::vector<Task> tasks;
-    for (std::size_t i = 0; i < host.size(); ++i) {
-      const std::uint64_t n = pickled.storages[i].nbytes;
-      for (std::uint64_t off = 0; off < n; off += kIoChunk) {
-        tasks.push_back({i, off, std::min<std::uint64_t>(kIoChunk, n - off)});
-      }
+    const auto t1 = std::chrono::steady_clock::now();
+    std::vector<internal::RecordWrite> writes(pickled.storages.size());
+    for (std::size_t i = 0; i < writes.size(); ++i) {
+      writes[i].tensor = pickled.storages[i].tensor;
+      writes[i].nbytes = pickled.storages[i].nbytes;
+      writes[i].offset = layout.entry(storage_record[i]).data_offset;
     }
-    std::vector<std::uint32_t> task_crc(tasks.size());
-    parallel_for(tasks.size(), options.threads, [&](std::size_t k) {
-      const Task& t = tasks[k];
-      const auto* base = static_cast<const char*>(host[t.storage].data_ptr()) + t.begin;
-      file.pwrite_all(base, static_cast<std::size_t>(t.length),
-                      layout.entry(storage_record[t.storage]).data_offset + t.begin);
-      task_crc[k] = internal::crc32_update(0, base, static_cast<std::size_t>(t.length));
-    });
-    std::vector<std::uint32_t> storage_crc(host.size(), 0);
-    for (std::size_t k = 0; k < tasks.size(); ++k) {
-      const Task& t = tasks[k];
-      storage_crc[t.storage] = t.begin == 0 ? task_crc[k]
-                                            : internal::crc32_join(storage_crc[t.storage],
-                                                                   task_crc[k], t.length);
-    }
-    for (std::size_t i = 0; i < host.size(); ++i) layout.set_crc(storage_record[i], storage_crc[i]);
-    host.clear();  // release host copies early
+    internal::PipelineStats ps;
+    const std::vector<std::uint32_t> crc =
+        internal::write_records(file, writes, threads, pool_bytes, o_direct, &ps,
+                                options.stage_host_tensors);
+    stats.copy_seconds = ps.copy_seconds;
+    for (std::size_t i = 0; i < writes.size(); ++i) layout.set_crc(storage_record[i], crc[i]);
+    writes.clear();
 
     // The index: offsets and CRCs are known now.
     Index index;

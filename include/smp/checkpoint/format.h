@@ -37,12 +37,33 @@ namespace ckpt {
 /// Version of the index record this library writes (and the newest it reads).
 constexpr int kFormatVersion = 1;
 
+/// Defaults of checkpoint I/O derived from the machine, each overridable by
+/// an environment variable (read at every call):
+///   SMP_CKPT_THREADS   I/O threads per file (default: half the cores, at least 4, at most 8)
+///   SMP_CKPT_POOL_MB   host staging pool in MiB, pinned when CUDA is available
+///                      (default 2 x threads x 16 MiB): bounds the host memory of a save
+///   SMP_CKPT_O_DIRECT  1: write tensor data with O_DIRECT where the file system allows it
+struct IoDefaults {
+  int threads = 4;
+  std::size_t pool_bytes = 0;
+  bool o_direct = false;
+};
+/// Throws ConfigError naming the variable when one is malformed.
+IoDefaults io_defaults();
+
 struct WriteOptions {
   /// Alignment of every record's data in the file: a power of two in
   /// [64, 65536]. 4096 lets readers use O_DIRECT and mmap pages.
   std::size_t alignment = 4096;
-  /// Worker threads that copy tensor bytes to the file and checksum them.
-  int threads = 4;
+  /// Worker threads that write tensor chunks to the file and checksum them;
+  /// 0: io_defaults().threads.
+  int threads = 0;
+  /// Host staging pool for device tensors in bytes (device -> host copies
+  /// overlap the writes of chunks already copied); 0: io_defaults().pool_bytes.
+  std::size_t pool_bytes = 0;
+  /// Write tensor data with O_DIRECT (bypassing the page cache) where the file
+  /// system allows it; unset: io_defaults().o_direct.
+  std::optional<bool> o_direct;
   /// fsync the file and its directory before returning (durable checkpoint).
   bool fsync = true;
   /// Write through "<path>.tmp-<pid>" and rename it over `path` (true), or
@@ -54,6 +75,9 @@ struct WriteOptions {
   std::map<std::string, std::string> info;
   /// Testing: write ZIP64 structures even when no offset or size needs them.
   bool force_zip64 = false;
+  /// Testing: stage CPU tensors through the host pool like device tensors
+  /// (exercises the pipeline of device saves on machines without a GPU).
+  bool stage_host_tensors = false;
 };
 
 struct WriteStats {
@@ -67,8 +91,9 @@ struct WriteStats {
   /// Wall time of the whole call and of its phases.
   double seconds = 0;
   double pickle_seconds = 0;  // object -> data.pkl and layout
-  double copy_seconds = 0;    // device -> host and non-contiguous -> contiguous copies
-  double write_seconds = 0;   // pwrite + CRC-32 of all records
+  double copy_seconds = 0;    // device -> host copies (overlapped with the writes since
+                              // the pipelined save: the time the copies themselves took)
+  double write_seconds = 0;   // pwrite + CRC-32 of all records (copies overlapped)
   double sync_seconds = 0;    // fsync, rename, directory fsync
 };
 
@@ -122,8 +147,12 @@ struct Index {
 struct ReadOptions {
   /// Verify the CRC-32 of every record read (CorruptCheckpointError on mismatch).
   bool verify_checksums = true;
-  /// Worker threads reading tensor records.
-  int threads = 4;
+  /// Worker threads reading tensor records; 0: io_defaults().threads.
+  int threads = 0;
+  /// Where tensors are materialized: CPU (default) or a device, reached
+  /// through the staging pool (pinned) with one host -> device copy per chunk
+  /// straight into the destination.
+  c10::Device device = c10::Device(c10::kCPU);
 };
 
 /// Where read_object spent its time.

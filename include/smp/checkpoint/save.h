@@ -95,8 +95,64 @@ class SaveSession {
   std::unique_ptr<Impl> impl_;
 };
 
-/// SaveSession + write_file + commit.
+/// SaveSession + write_file + commit. Waits first for an asynchronous save
+/// still in flight and throws its error, if it failed (wait_for_pending_saves).
 SaveStats save(const Value& object, const std::string& f, const SaveOptions& options = {});
+
+/// The handle of an asynchronous save (async_save). Copyable; all copies
+/// refer to the same save.
+///
+///   smp::ckpt::AsyncSave h = smp::ckpt::async_save(state, "/ckpt/model");
+///   // ... training changes the parameters; the file holds the snapshot ...
+///   smp::ckpt::SaveStats st = h.wait();   // or poll h.done()
+class AsyncSave {
+ public:
+  AsyncSave() = default;  ///< no save: done() is true, wait() returns {}
+  /// True once the background write and commit ended (with success or an error).
+  bool done() const;
+  /// Waits for the save; returns the stats of its (last) file, or throws its
+  /// error, which names the file and the rank. An error is thrown once: by
+  /// wait() or by the next save, whichever comes first.
+  SaveStats wait();
+  /// Seconds the caller spent in async_save (the snapshot: device -> host
+  /// copies into the pinned snapshot arena, CPU tensors copied too).
+  double snapshot_seconds() const;
+  /// Bytes of tensor data in the snapshot.
+  std::uint64_t snapshot_bytes() const;
+
+  struct State;
+  explicit AsyncSave(std::shared_ptr<State> state) : state_(std::move(state)) {}
+
+ private:
+  std::shared_ptr<State> state_;
+};
+
+/// One save of an asynchronous job.
+struct AsyncSaveItem {
+  Value object;
+  std::string f;
+  SaveOptions options;
+};
+
+/// Snapshots `object` (every tensor copied into the process's snapshot arena:
+/// pinned host memory when CUDA is available, allocated once and grown only
+/// when a larger state comes, reused by the next save), then returns; a
+/// background thread writes the file and runs the commit protocol (its
+/// rendezvous goes through the job's store, never through the communicators,
+/// so the caller's collectives go on meanwhile). Waits first for the save
+/// still in flight (one at a time) and throws its error if it failed. The
+/// next save (sync or async), smp::ckpt::load, smp::shutdown() and process
+/// exit wait for this one. Collective like save(): every participant calls it.
+AsyncSave async_save(const Value& object, const std::string& f, const SaveOptions& options = {});
+/// Several saves snapshotted together and written one after the other by the
+/// same background thread, then `then` (when given; its error counts as the
+/// job's). save_checkpoint's asynchronous form.
+AsyncSave async_save_all(std::vector<AsyncSaveItem> items, std::function<void()> then = {});
+/// Waits for the asynchronous save in flight, if any; throws its error when
+/// it failed and nobody was told yet.
+void wait_for_pending_saves();
+/// True while an asynchronous save is in flight.
+bool save_in_flight();
 
 struct LoadOptions {
   bool partial = true;

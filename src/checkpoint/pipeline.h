@@ -1,0 +1,45 @@
+#pragma once
+/// Pipelined record writes (internal): the bytes of many tensors written at
+/// offsets planned up front, in kIoChunk chunks, by parallel pwrite threads
+/// that CRC-32 each chunk as they write it (no second pass). CPU tensors are
+/// written straight from their memory; device tensors are copied chunk by
+/// chunk into the bounded host staging pool (pinned) by the calling thread
+/// while the writers write the chunks already copied, so host memory stays
+/// within the pool whatever the state's size.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "checkpoint/io.h"
+
+namespace smp {
+namespace ckpt {
+namespace internal {
+
+/// One record: `tensor`'s contiguous bytes (nbytes) go to file offset `offset`.
+struct RecordWrite {
+  at::Tensor tensor;
+  std::uint64_t nbytes = 0;
+  std::uint64_t offset = 0;
+};
+
+struct PipelineStats {
+  double copy_seconds = 0;  ///< device -> host copies (overlapped with the writes)
+  bool o_direct = false;    ///< tensor data went through an O_DIRECT descriptor
+};
+
+/// Writes every record into `file` and returns the CRC-32 of each. `o_direct`:
+/// page-aligned chunks go through a second, O_DIRECT descriptor of the same
+/// file when the file system accepts one (silently buffered otherwise).
+/// Throws the first failure (CheckpointError naming the file and the call).
+/// `stage_host`: CPU tensors go through the pool too (tests).
+std::vector<std::uint32_t> write_records(const File& file, const std::vector<RecordWrite>& records,
+                                         int threads, std::size_t pool_bytes, bool o_direct,
+                                         PipelineStats* stats = nullptr, bool stage_host = false);
+
+}  // namespace internal
+}  // namespace ckpt
+}  // namespace smp
