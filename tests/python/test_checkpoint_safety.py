@@ -389,14 +389,32 @@ t0 = time.time()
 for path in (part, manifest):
     original = open(path, "rb").read()
     n = len(original)
-    # Every byte that is not zero padding, and every 61st byte of the rest.
-    positions = [i for i in range(n) if original[i] != 0 or i % 61 == 0]
+    # Every byte of the structure (local headers, data.pkl, smp/index.json, the
+    # other small records, the central directory and its end; all of the
+    # manifest) and every 53rd byte of the rest (padding, tensor data).
+    dense = set(range(0, n, 53))
+    if path == part:
+        import struct, zipfile
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            cd_start = min(n, z.start_dir)
+        for info in infos:
+            h = info.header_offset
+            nlen, elen = struct.unpack("<HH", original[h + 26:h + 30])
+            dense.update(range(h, h + 30 + nlen))  # local header and name (not the padding)
+            if not info.filename.split("/", 1)[1].startswith("data/"):
+                start = h + 30 + nlen + elen
+                dense.update(range(start, start + info.file_size))
+        dense.update(range(cd_start, n))
+    else:
+        dense.update(range(n))
+    positions = sorted(dense)
     for i in positions:
         data = bytearray(original)
         data[i] ^= 1 << (i % 8)
         open(path, "wb").write(data)
         attempt(f"{os.path.basename(path)} byte {i} ^ {1 << (i % 8)}")
-    for cut in sorted(set(list(range(0, n, max(1, n // 97))) + [n - 1, n - 22, n // 2])):
+    for cut in sorted(set(list(range(0, n, max(1, n // 47))) + [n - 1, n - 22, n // 2])):
         if 0 <= cut < n:
             open(path, "wb").write(original[:cut])
             attempt(f"{os.path.basename(path)} truncated to {cut}")
@@ -416,3 +434,4 @@ def test_byte_flip_and_truncation_sweep(tmp_path):
     assert rc == 0, f"exit status {rc} (a crash?)\n{out[-5000:]}"
     assert ok_ranks(out, "sweep") == [0], out[-5000:]
     assert "COUNTS" in out, out[-3000:]
+    print("\n".join(line for line in out.splitlines() if line.startswith(("SWEPT", "COUNTS"))))
