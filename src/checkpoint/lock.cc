@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -23,6 +24,9 @@ SaveLock::~SaveLock() { release(); }
 
 void SaveLock::release() {
   if (fd_ >= 0) {
+    // Removed while still locked: a waiter that opened this file sees, once it
+    // gets the lock, that the name no longer leads to it and opens it anew.
+    ::unlink(path_.c_str());
     ::flock(fd_, LOCK_UN);
     ::close(fd_);
     fd_ = -1;
@@ -31,15 +35,16 @@ void SaveLock::release() {
 
 void SaveLock::acquire(const std::string& path, double timeout_s, const std::string& what) {
   release();
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  auto sleep = std::chrono::milliseconds(1);
+reopen:
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) {
     throw_syscall(path, "open", errno,
                   "the lock file of a save is created next to the checkpoint; check the "
                   "directory's permissions");
   }
-  const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
-  auto sleep = std::chrono::milliseconds(1);
   while (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
     if (err == EINTR) continue;
@@ -61,7 +66,15 @@ void SaveLock::acquire(const std::string& path, double timeout_s, const std::str
     std::this_thread::sleep_for(sleep);
     sleep = std::min(sleep * 2, std::chrono::milliseconds(50));
   }
+  // The holder before us may have removed the file after we opened it.
+  struct stat held {}, named {};
+  if (::fstat(fd, &held) != 0 || ::stat(path.c_str(), &named) != 0 ||
+      held.st_ino != named.st_ino || held.st_dev != named.st_dev) {
+    ::close(fd);
+    goto reopen;
+  }
   fd_ = fd;
+  path_ = path;
 }
 
 }  // namespace internal

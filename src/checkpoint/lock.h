@@ -9,11 +9,13 @@ namespace smp {
 namespace ckpt {
 namespace internal {
 
-/// "<f>.smp_lock": the lock file next to the checkpoint `f` (kept, empty).
+/// "<f>.smp_lock": the lock file next to the checkpoint `f` (empty; it exists
+/// while a save holds it, or after a save was killed, until the next save).
 std::string lock_file_name(const std::string& f);
 
-/// An exclusive flock(2) on a lock file, released by the destructor (or by the
-/// process's death, so a crashed save never blocks the next one).
+/// An exclusive flock(2) on a lock file, released (and the file removed) by
+/// release() or the destructor; the process's death releases it too, so a
+/// crashed save never blocks the next one.
 class SaveLock {
  public:
   SaveLock() = default;
@@ -31,6 +33,7 @@ class SaveLock {
 
  private:
   int fd_ = -1;
+  std::string path_;
 };
 
 }  // namespace internal

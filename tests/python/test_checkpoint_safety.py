@@ -341,3 +341,97 @@ def test_gather_to_rank0_under_the_wrong_guard_raises_with_the_hint():
     res = run_mpi_code(4, GATHER_CODE, env={"SMP_CHECKPOINT_TIMEOUT": "3"}, timeout=180)
     assert "NOERROR" not in res.stdout, res.stdout
     assert ok_ranks(res.stdout, "gather"), res.stdout
+
+
+# ---- every byte: flips and truncations -----------------------------------------
+
+SWEEP_CODE = r"""
+import os, sys, time, torch, smp
+root = sys.argv[1]
+smp.init({})
+f = os.path.join(root, "ck.pt")
+obj = {"model": {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+                 "b": torch.tensor([1.5, -2.0])},
+       "step": 7, "name": "sweep", "lr": 0.01, "flags": [True, None, (1, 2)]}
+smp.save(obj, f, partial=True)
+part, manifest = f + "_0_0", f + ".smp_manifest.json"
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return type(a) is type(b) and a == b
+
+assert same(smp.load(f, partial=True), obj)
+counts = {"identical": 0, "error": 0}
+bad = []
+
+def attempt(what):
+    try:
+        got = smp.load(f, partial=True)
+    except smp.CheckpointError as e:
+        if f not in str(e):
+            bad.append(f"{what}: error not naming the file: {e}")
+        counts["error"] += 1
+        return
+    except Exception as e:  # anything else is a failure of the reader
+        bad.append(f"{what}: {type(e).__name__}: {e}")
+        return
+    if same(got, obj):
+        counts["identical"] += 1
+    else:
+        bad.append(f"{what}: loaded different data silently")
+
+t0 = time.time()
+for path in (part, manifest):
+    original = open(path, "rb").read()
+    n = len(original)
+    # Every byte of the structure (local headers, data.pkl, smp/index.json, the
+    # other small records, the central directory and its end; all of the
+    # manifest) and every 53rd byte of the rest (padding, tensor data).
+    dense = set(range(0, n, 53))
+    if path == part:
+        import struct, zipfile
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            cd_start = min(n, z.start_dir)
+        for info in infos:
+            h = info.header_offset
+            nlen, elen = struct.unpack("<HH", original[h + 26:h + 30])
+            dense.update(range(h, h + 30 + nlen))  # local header and name (not the padding)
+            if not info.filename.split("/", 1)[1].startswith("data/"):
+                start = h + 30 + nlen + elen
+                dense.update(range(start, start + info.file_size))
+        dense.update(range(cd_start, n))
+    else:
+        dense.update(range(n))
+    positions = sorted(dense)
+    for i in positions:
+        data = bytearray(original)
+        data[i] ^= 1 << (i % 8)
+        open(path, "wb").write(data)
+        attempt(f"{os.path.basename(path)} byte {i} ^ {1 << (i % 8)}")
+    for cut in sorted(set(list(range(0, n, max(1, n // 47))) + [n - 1, n - 22, n // 2])):
+        if 0 <= cut < n:
+            open(path, "wb").write(original[:cut])
+            attempt(f"{os.path.basename(path)} truncated to {cut}")
+    open(path, "wb").write(original)
+    print("SWEPT", os.path.basename(path), n, "bytes,", len(positions), "flips", flush=True)
+assert same(smp.load(f, partial=True), obj)
+print("COUNTS", counts, "in", round(time.time() - t0, 1), "s", flush=True)
+for b in bad[:30]:
+    print("BAD", b, flush=True)
+print("sweep", "OK" if not bad else "FAILED", 0, flush=True)
+smp.shutdown()
+"""
+
+
+def test_byte_flip_and_truncation_sweep(tmp_path):
+    rc, out = _finish(_python("-c", SWEEP_CODE, str(tmp_path)), timeout=300)
+    assert rc == 0, f"exit status {rc} (a crash?)\n{out[-5000:]}"
+    assert ok_ranks(out, "sweep") == [0], out[-5000:]
+    assert "COUNTS" in out, out[-3000:]
+    print("\n".join(line for line in out.splitlines() if line.startswith(("SWEPT", "COUNTS"))))
