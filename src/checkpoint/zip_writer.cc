@@ -249,7 +249,13 @@ std::string serialization_id() {
 
 // ---- writing --------------------------------------------------------------
 
-WriteStats write_file(const std::string& path, const Value& object, const WriteOptions& options) {
+namespace {
+
+// write_file and write_file_streaming: `produce` null writes the tensors of
+// `object`, all copied to the host first; otherwise each record's bytes come
+// from produce(placeholder), one record at a time, released once written.
+WriteStats write_impl(const std::string& path, const Value& object, const WriteOptions& options,
+                      const TensorProducer* produce) {
   const auto t0 = std::chrono::steady_clock::now();
   WriteStats stats;
   SMP_CHECK(!path.empty(), CheckpointError, "checkpoint path is empty; give a file name");
@@ -266,7 +272,9 @@ WriteStats write_file(const std::string& path, const Value& object, const WriteO
 
   auto t1 = std::chrono::steady_clock::now();
   std::vector<at::Tensor> host(pickled.storages.size());
-  for (std::size_t i = 0; i < host.size(); ++i) host[i] = internal::host_bytes(pickled.storages[i].tensor);
+  if (produce == nullptr) {
+    for (std::size_t i = 0; i < host.size(); ++i) host[i] = internal::host_bytes(pickled.storages[i].tensor);
+  }
   stats.copy_seconds = since(t1);
 
   const std::string a = archive_name(path) + "/";
@@ -296,27 +304,51 @@ WriteStats write_file(const std::string& path, const Value& object, const WriteO
       std::size_t storage;
       std::uint64_t begin, length;
     };
-    std::vector<Task> tasks;
-    for (std::size_t i = 0; i < host.size(); ++i) {
-      const std::uint64_t n = pickled.storages[i].nbytes;
-      for (std::uint64_t off = 0; off < n; off += kIoChunk) {
-        tasks.push_back({i, off, std::min<std::uint64_t>(kIoChunk, n - off)});
-      }
-    }
-    std::vector<std::uint32_t> task_crc(tasks.size());
-    parallel_for(tasks.size(), options.threads, [&](std::size_t k) {
-      const Task& t = tasks[k];
-      const auto* base = static_cast<const char*>(host[t.storage].data_ptr()) + t.begin;
-      file.pwrite_all(base, static_cast<std::size_t>(t.length),
-                      layout.entry(storage_record[t.storage]).data_offset + t.begin);
-      task_crc[k] = internal::crc32_update(0, base, static_cast<std::size_t>(t.length));
-    });
     std::vector<std::uint32_t> storage_crc(host.size(), 0);
-    for (std::size_t k = 0; k < tasks.size(); ++k) {
-      const Task& t = tasks[k];
-      storage_crc[t.storage] = t.begin == 0 ? task_crc[k]
-                                            : internal::crc32_join(storage_crc[t.storage],
-                                                                   task_crc[k], t.length);
+    // Writes the chunks of the given records in parallel and CRC-32s them.
+    auto write_storages = [&](const std::vector<std::size_t>& which) {
+      std::vector<Task> tasks;
+      for (std::size_t i : which) {
+        const std::uint64_t n = pickled.storages[i].nbytes;
+        for (std::uint64_t off = 0; off < n; off += kIoChunk) {
+          tasks.push_back({i, off, std::min<std::uint64_t>(kIoChunk, n - off)});
+        }
+      }
+      std::vector<std::uint32_t> task_crc(tasks.size());
+      parallel_for(tasks.size(), options.threads, [&](std::size_t k) {
+        const Task& t = tasks[k];
+        const auto* base = static_cast<const char*>(host[t.storage].data_ptr()) + t.begin;
+        file.pwrite_all(base, static_cast<std::size_t>(t.length),
+                        layout.entry(storage_record[t.storage]).data_offset + t.begin);
+        task_crc[k] = internal::crc32_update(0, base, static_cast<std::size_t>(t.length));
+      });
+      for (std::size_t k = 0; k < tasks.size(); ++k) {
+        const Task& t = tasks[k];
+        storage_crc[t.storage] = t.begin == 0 ? task_crc[k]
+                                              : internal::crc32_join(storage_crc[t.storage],
+                                                                     task_crc[k], t.length);
+      }
+    };
+    if (produce == nullptr) {
+      std::vector<std::size_t> all(host.size());
+      for (std::size_t i = 0; i < all.size(); ++i) all[i] = i;
+      write_storages(all);
+    } else {
+      for (std::size_t i = 0; i < host.size(); ++i) {
+        const internal::PickledStorage& s = pickled.storages[i];
+        const auto tc = std::chrono::steady_clock::now();
+        at::Tensor t = (*produce)(s.tensor);
+        SMP_CHECK(t.defined() && t.scalar_type() == s.dtype &&
+                      static_cast<std::uint64_t>(t.numel()) == s.numel,
+                  CheckpointError, "writing '", path, "': the producer of record data/", s.key,
+                  " returned ", t.defined() ? describe_tensor(t) : std::string("nothing"),
+                  " but the object holds ", s.numel, " elements of ", dtype_name(s.dtype));
+        host[i] = internal::host_bytes(t);
+        t = at::Tensor();
+        stats.copy_seconds += since(tc);
+        write_storages({i});
+        host[i] = at::Tensor();  // one record in memory at a time
+      }
     }
     for (std::size_t i = 0; i < host.size(); ++i) layout.set_crc(storage_record[i], storage_crc[i]);
     host.clear();  // release host copies early
@@ -373,6 +405,19 @@ WriteStats write_file(const std::string& path, const Value& object, const WriteO
   stats.sync_seconds = std::max(0.0, since(t_write) - stats.write_seconds);
   stats.seconds = since(t0);
   return stats;
+}
+
+}  // namespace
+
+WriteStats write_file(const std::string& path, const Value& object, const WriteOptions& options) {
+  return write_impl(path, object, options, nullptr);
+}
+
+WriteStats write_file_streaming(const std::string& path, const Value& object,
+                                const TensorProducer& produce, const WriteOptions& options) {
+  SMP_CHECK(static_cast<bool>(produce), CheckpointError, "write_file_streaming('", path,
+            "'): no producer given");
+  return write_impl(path, object, options, &produce);
 }
 
 }  // namespace ckpt
