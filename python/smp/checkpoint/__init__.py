@@ -353,11 +353,16 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
     os.makedirs(path, exist_ok=True)
     barrier()
     if model is not None and _C.rdp_rank() == 0:
-        sd = model.state_dict(gather_to_rank0=True)
-        if not translate_if_full:
-            sd["_smp_is_partial"] = False
-        if _C.rank() == 0:
-            save(sd, os.path.join(path, tag), partial=False)
+        if hasattr(model, "_net") and hasattr(model, "_is_local"):
+            # smp.DistributedModel: gathered and written tensor by tensor (bounded memory).
+            save_full_streaming(model, os.path.join(path, tag),
+                                extra=None if translate_if_full else {"_smp_is_partial": False})
+        else:
+            sd = model.state_dict(gather_to_rank0=True)
+            if not translate_if_full:
+                sd["_smp_is_partial"] = False
+            if _C.rank() == 0:
+                save(sd, os.path.join(path, tag), partial=False)
     if optimizer is not None:
         osd = optimizer.state_dict()
         if _C.rank() == 0:
@@ -440,3 +445,9 @@ def resume_from_checkpoint(path, tag=None, partial=True, strict=True, load_optim
     user_content = load(uc, partial=False) if os.path.isfile(uc) else None
     barrier()
     return user_content
+
+
+# ---- offline tools: smp-checkpoint (smp/checkpoint/cli.py, docs/tools.md) ----------
+from smp.checkpoint import tools  # noqa: E402
+from smp.checkpoint.tools import reshard_offline  # noqa: E402,F401
+from smp.checkpoint.streaming import save_full_streaming  # noqa: E402,F401
