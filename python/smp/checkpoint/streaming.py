@@ -36,6 +36,9 @@ def _meta(model, entries):
             continue
         spec = specs.get(name)
         t = local.get(name)
+        if t is not None and spec is None:  # held whole by this tp rank (e.g. a bias)
+            out[name] = (str(t.dtype).replace("torch.", ""), list(t.shape))
+            continue
         if spec is None or t is None:
             raise _C.CheckpointError(
                 f"save_full_streaming: no shard spec or local tensor for '{name}'; use "
@@ -61,7 +64,8 @@ def save_full_streaming(model, f, extra=None, fsync=True):
     f = os.fspath(f)
     entries = _entries(model)
     pipe = getattr(model, "_pipe", None) is not None and _C.pp_size() > 1
-    meta = _meta(model, entries)
+    # Shapes and dtypes matter on tp_rank 0 (which sends to / is world rank 0) only.
+    meta = _meta(model, entries) if _C.tp_rank() == 0 else {}
     stage_of = {n: _C.pp_rank() for n in meta}
     if pipe and _C.tp_rank() == 0:
         merged = {}
@@ -69,7 +73,7 @@ def save_full_streaming(model, f, extra=None, fsync=True):
             merged.update(part)
             stage_of.update({n: pp for n in part})
         meta = merged
-    order = [e for e in entries if e[0] in meta] if (not pipe or _C.tp_rank() == 0) else \
+    order = [e for e in entries if e[0] in meta] if (pipe and _C.tp_rank() == 0) else \
         [e for e in entries if e[4]]
     root = _C.rank() == 0
 
