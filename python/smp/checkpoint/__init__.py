@@ -292,7 +292,8 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
               shard_optimizer_state)
               path/<tag>_partial/user_content.pt, smp_config.pt (rank 0)
               path/newest: "<tag>_partial" appended once the checkpoint is complete
-    full:     path/<tag> (model.state_dict(gather_to_rank0=True), rank 0),
+    full:     path/<tag> (model.state_dict(gather_to_rank0=True), rank 0, gathered and
+              written tensor by tensor by save_full_streaming for smp.DistributedModel),
               path/optimizer_<tag> (optimizer.state_dict(): full and unsharded, loadable
               by a plain torch optimizer), path/user_content_<tag>
 

@@ -7,6 +7,7 @@ difference, 2 on an error (the message names the file and the fix).
 
 import argparse
 import json
+import signal
 import sys
 
 from smp._C import CheckpointError
@@ -131,6 +132,8 @@ def parser():
 
 
 def main(argv=None):
+    if hasattr(signal, "SIGPIPE"):  # `smp-checkpoint inspect ... | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
