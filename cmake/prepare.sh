@@ -100,6 +100,10 @@ smp_prepare() (
   # Optional test extra: the module-level pipeline tests on Hugging Face models
   # (tests/python/test_pipeline_modules.py skip them without it).
   python3 -c 'import transformers' >/dev/null 2>&1 || pymissing+=(transformers)
+  # Optional: smp-checkpoint's progress bars, and its safetensors export tests
+  # (tests/python/test_checkpoint_cli.py skips those without it).
+  python3 -c 'import tqdm' >/dev/null 2>&1 || pymissing+=(tqdm)
+  python3 -c 'import safetensors' >/dev/null 2>&1 || pymissing+=(safetensors)
   python3 -c 'import scikit_build_core' >/dev/null 2>&1 || pymissing+=(scikit-build-core)
   if [ ${#pymissing[@]} -gt 0 ]; then
     smp_step "pip install ${pymissing[*]}"

@@ -35,6 +35,13 @@ void bind_reshard(pybind11::module_& m);
 /// leaves of `root` and their names to the index info of the file written.
 void annotate_shards(ckpt::Value& root, const pybind11::handle& shards,
                      ckpt::SaveOptions& options);
+/// checkpoint.cc: a Python object as a checkpoint Value (ConfigError naming the
+/// key path of the first leaf smp's format does not hold), and back.
+ckpt::Value object_to_value(const pybind11::handle& obj);
+pybind11::object value_to_object(const ckpt::Value& value);
+/// tools.cc: what the offline checkpoint tools (smp-checkpoint) need of the
+/// engine: Reader (index, tensors, record CRCs), manifests, streaming writes.
+void bind_tools(pybind11::module_& m);
 /// model.cc: GradReducer, partition_params, broadcast_from_owners.
 void bind_model(pybind11::module_& m);
 /// pipeline.cc: smp._C.pipeline, the pipeline schedules.

@@ -191,6 +191,17 @@ py::dict async_stats(ckpt::AsyncSave& h) {
 
 }  // namespace
 
+Value object_to_value(const py::handle& obj) {
+  try {
+    return to_value(obj, "");
+  } catch (const Unsupported& u) {
+    SMP_THROW(ConfigError, "smp checkpoint files do not hold ", u.type, " (at key '", u.path,
+              "'); convert it to tensors, containers or primitives");
+  }
+}
+
+py::object value_to_object(const Value& v) { return to_python(v); }
+
 void bind_checkpoint(py::module_& m) {
   m.def(
       "ckpt_save",

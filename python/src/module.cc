@@ -12,6 +12,7 @@ PYBIND11_MODULE(_C, m) {
   smp::python::bind_nn(m);
   smp::python::bind_checkpoint(m);
   smp::python::bind_reshard(m);
+  smp::python::bind_tools(m);
   smp::python::bind_model(m);
   smp::python::bind_pipeline(m);
 }

@@ -93,7 +93,7 @@ void check_complete(const Manifest& m, const std::string& manifest_path) {
 
 // The one layout check: can this job's part be read from `m` as is?
 bool layout_differs(const Manifest& m) {
-  return m.pp_size != pp_size() || m.tp_size != tp_size() ||
+  return m.by_name || m.pp_size != pp_size() || m.tp_size != tp_size() ||
          (m.v3 && m.rdp_size != rdp_size());
 }
 
@@ -113,6 +113,10 @@ Resolved resolve(const std::string& f, bool partial) {
 
   if (manifest) {
     const Manifest& m = *manifest;
+    SMP_CHECK(!m.by_name, CheckpointError, "checkpoint '", f, "' was rewritten offline by "
+              "smp-checkpoint reshard (manifest '", manifest_path, "'): its parts hold tensors by "
+              "name, not each rank's state; smp::ckpt::load reads a job's own parts only. Load "
+              "it from Python with smp.load(f, partial=True), which reads it by name");
     SMP_CHECK(!layout_differs(m),
               CheckpointError, "checkpoint '", f, "' was saved with pipeline_parallel_degree ",
               m.pp_size, ", tensor_parallel_degree ", m.tp_size,

@@ -244,6 +244,7 @@ std::string Manifest::to_json() const {
   doc["pp_size"] = pp_size;
   doc["tp_size"] = tp_size;
   doc["rdp_size"] = rdp_size;
+  if (by_name) doc["by_name"] = true;
   Json list = Json::array();
   for (const auto& f : files) {
     Json e = Json::object();
@@ -295,6 +296,7 @@ Manifest Manifest::from_json(const std::string& text, const std::string& path) {
     m.pp_size = static_cast<int>(as_int(member(doc, "pp_size"), "pp_size"));
     m.tp_size = static_cast<int>(as_int(member(doc, "tp_size"), "tp_size"));
     m.rdp_size = static_cast<int>(as_int(member(doc, "rdp_size"), "rdp_size"));
+    if (doc.contains("by_name")) m.by_name = as_bool(doc.at("by_name"), "by_name");
     for (const auto& e : as_array(member(doc, "files"), "files")) {
       ManifestFile f;
       f.name = as_string(member(e, "name"), "name");

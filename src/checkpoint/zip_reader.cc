@@ -448,6 +448,41 @@ const Index& Reader::index() const {
   return impl_->derived;
 }
 
+std::vector<std::string> Reader::verify_records(
+    const std::function<void(std::uint64_t, std::uint64_t)>& on_bytes) const {
+  const Impl& im = *impl_;
+  std::map<std::string, std::string> tensor_of;  // record name -> first tensor path
+  if (im.has_index) {
+    for (const TensorEntry& e : im.index.tensors) {
+      tensor_of.emplace(im.prefix + "data/" + e.key, internal::join_path(e.path));
+    }
+  }
+  std::uint64_t total = 0, done = 0;
+  for (const auto& e : im.zip.entries()) total += e.size;
+  std::vector<char> buf(static_cast<std::size_t>(std::min<std::uint64_t>(kChunk, total + 1)));
+  std::vector<std::string> problems;
+  for (const auto& e : im.zip.entries()) {
+    std::uint32_t crc = 0;
+    for (std::uint64_t off = 0; off < e.size; off += buf.size()) {
+      const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), e.size - off));
+      im.zip.file().pread_exact(buf.data(), n, e.data_offset + off);
+      crc = internal::crc32_update(crc, buf.data(), n);
+      done += n;
+      if (on_bytes) on_bytes(done, total);
+    }
+    if (crc != e.crc) {
+      char hex[64];
+      std::snprintf(hex, sizeof(hex), "stored CRC-32 %08x, computed %08x", e.crc, crc);
+      auto t = tensor_of.find(e.name);
+      problems.push_back(detail::str(
+          "'", im.path, "': record '", e.name, "'",
+          t != tensor_of.end() ? detail::str(" (data of tensor '", t->second, "')") : std::string(),
+          " is damaged: ", hex));
+    }
+  }
+  return problems;
+}
+
 Value Reader::read_object(const ReadOptions& options, ReadStats* stats) const {
   const Impl& im = *impl_;
   auto t0 = std::chrono::steady_clock::now();

@@ -248,7 +248,13 @@ std::string serialization_id() {
 
 // ---- writing --------------------------------------------------------------
 
-WriteStats write_file(const std::string& path, const Value& object, const WriteOptions& options) {
+namespace {
+
+// write_file and write_file_streaming: `produce` null writes the tensors of
+// `object`, all copied to the host first; otherwise each record's bytes come
+// from produce(placeholder), one record at a time, released once written.
+WriteStats write_impl(const std::string& path, const Value& object, const WriteOptions& options,
+                      const TensorProducer* produce) {
   const auto t0 = std::chrono::steady_clock::now();
   WriteStats stats;
   SMP_CHECK(!path.empty(), CheckpointError, "checkpoint path is empty; give a file name");
@@ -290,19 +296,44 @@ WriteStats write_file(const std::string& path, const Value& object, const WriteO
   // 2. Write the records, then make the file durable and visible.
   auto write_records = [&](File& file) {
     const auto t1 = std::chrono::steady_clock::now();
-    std::vector<internal::RecordWrite> writes(pickled.storages.size());
-    for (std::size_t i = 0; i < writes.size(); ++i) {
-      writes[i].tensor = pickled.storages[i].tensor;
-      writes[i].nbytes = pickled.storages[i].nbytes;
-      writes[i].offset = layout.entry(storage_record[i]).data_offset;
+    // Tensor data: produce == nullptr writes every record through the pipeline
+    // at once; a producer's records go one at a time (each released once written).
+    auto write = [&](const std::vector<std::size_t>& which, std::vector<at::Tensor> tensors) {
+      std::vector<internal::RecordWrite> writes(which.size());
+      for (std::size_t j = 0; j < which.size(); ++j) {
+        writes[j].tensor = std::move(tensors[j]);
+        writes[j].nbytes = pickled.storages[which[j]].nbytes;
+        writes[j].offset = layout.entry(storage_record[which[j]]).data_offset;
+      }
+      internal::PipelineStats ps;
+      const std::vector<std::uint32_t> crc =
+          internal::write_records(file, writes, threads, pool_bytes, o_direct, &ps,
+                                  options.stage_host_tensors);
+      stats.copy_seconds += ps.copy_seconds;
+      for (std::size_t j = 0; j < which.size(); ++j) layout.set_crc(storage_record[which[j]], crc[j]);
+    };
+    if (produce == nullptr) {
+      std::vector<std::size_t> all(pickled.storages.size());
+      std::vector<at::Tensor> tensors(all.size());
+      for (std::size_t i = 0; i < all.size(); ++i) {
+        all[i] = i;
+        tensors[i] = pickled.storages[i].tensor;
+      }
+      write(all, std::move(tensors));
+    } else {
+      for (std::size_t i = 0; i < pickled.storages.size(); ++i) {
+        const internal::PickledStorage& s = pickled.storages[i];
+        const auto tc = std::chrono::steady_clock::now();
+        at::Tensor t = (*produce)(s.tensor);
+        SMP_CHECK(t.defined() && t.scalar_type() == s.dtype &&
+                      static_cast<std::uint64_t>(t.numel()) == s.numel,
+                  CheckpointError, "writing '", path, "': the producer of record data/", s.key,
+                  " returned ", t.defined() ? describe_tensor(t) : std::string("nothing"),
+                  " but the object holds ", s.numel, " elements of ", dtype_name(s.dtype));
+        stats.copy_seconds += since(tc);
+        write({i}, {std::move(t)});  // one record in memory at a time
+      }
     }
-    internal::PipelineStats ps;
-    const std::vector<std::uint32_t> crc =
-        internal::write_records(file, writes, threads, pool_bytes, o_direct, &ps,
-                                options.stage_host_tensors);
-    stats.copy_seconds = ps.copy_seconds;
-    for (std::size_t i = 0; i < writes.size(); ++i) layout.set_crc(storage_record[i], crc[i]);
-    writes.clear();
 
     // The index: offsets and CRCs are known now.
     Index index;
@@ -356,6 +387,19 @@ WriteStats write_file(const std::string& path, const Value& object, const WriteO
   stats.sync_seconds = std::max(0.0, since(t_write) - stats.write_seconds);
   stats.seconds = since(t0);
   return stats;
+}
+
+}  // namespace
+
+WriteStats write_file(const std::string& path, const Value& object, const WriteOptions& options) {
+  return write_impl(path, object, options, nullptr);
+}
+
+WriteStats write_file_streaming(const std::string& path, const Value& object,
+                                const TensorProducer& produce, const WriteOptions& options) {
+  SMP_CHECK(static_cast<bool>(produce), CheckpointError, "write_file_streaming('", path,
+            "'): no producer given");
+  return write_impl(path, object, options, &produce);
 }
 
 }  // namespace ckpt

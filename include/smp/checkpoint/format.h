@@ -22,6 +22,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -105,6 +106,21 @@ struct WriteStats {
 /// file, the failing call and the system's error text.
 WriteStats write_file(const std::string& path, const Value& object,
                       const WriteOptions& options = {});
+
+/// Gives the bytes of one tensor record for write_file_streaming: called with
+/// the placeholder tensor of `object` (its dtype and numel matter, not its
+/// data: e.g. torch.empty(()).expand(shape)); returns a tensor of that dtype
+/// and numel (any device, any strides), which is written and released before
+/// the next call.
+using TensorProducer = std::function<at::Tensor(const at::Tensor& placeholder)>;
+
+/// write_file, with each tensor record's bytes produced on demand, one record
+/// at a time in file order: peak memory is the largest record (plus what the
+/// producer holds), whatever the object's size. Used to write full
+/// checkpoints gathered or assembled tensor by tensor (consolidation, export).
+WriteStats write_file_streaming(const std::string& path, const Value& object,
+                                const TensorProducer& produce,
+                                const WriteOptions& options = {});
 
 /// Where one tensor's bytes are in a file.
 struct TensorEntry {
@@ -197,6 +213,14 @@ class Reader {
   /// One tensor (CPU, its saved shape), its record's CRC-32 verified unless
   /// disabled.
   at::Tensor read_tensor(const TensorEntry& entry, const ReadOptions& options = {}) const;
+  /// Checks the CRC-32 of every record of the archive (tensor data, data.pkl,
+  /// the index, ...) through one bounded buffer, never holding a whole record.
+  /// Returns one message per damaged record, naming the file, the record and
+  /// (for tensor data) the tensor, with the stored and computed CRC-32; empty
+  /// when all match. `on_bytes`, when given, is called with the bytes checked
+  /// so far (progress).
+  std::vector<std::string> verify_records(
+      const std::function<void(std::uint64_t done, std::uint64_t total)>& on_bytes = {}) const;
 
  private:
   struct Impl;

@@ -46,6 +46,11 @@ struct Manifest {
   int pp_size = 1;
   int tp_size = 1;
   int rdp_size = 1;
+  /// Written by the offline reshard (smp-checkpoint reshard): the parts hold
+  /// the tensors by full name and shard spec, not each rank's local state
+  /// dict, so every load reads them by name (resharding). JSON "by_name",
+  /// present only when true.
+  bool by_name = false;
   std::vector<ManifestFile> files;
 
   /// The entry of this rank's part; nullptr when the manifest has none.

@@ -438,7 +438,8 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
               shard_optimizer_state)
               path/<tag>_partial/user_content.pt, smp_config.pt (rank 0)
               path/newest: "<tag>_partial" appended once the checkpoint is complete
-    full:     path/<tag> (model.state_dict(gather_to_rank0=True), rank 0),
+    full:     path/<tag> (model.state_dict(gather_to_rank0=True), rank 0, gathered and
+              written tensor by tensor by save_full_streaming for smp.DistributedModel),
               path/optimizer_<tag> (optimizer.state_dict(): full and unsharded, loadable
               by a plain torch optimizer), path/user_content_<tag>
 
@@ -492,7 +493,14 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
     else:
         os.makedirs(path, exist_ok=True)
         barrier()
-        if model is not None and _C.rdp_rank() == 0:
+        translate = translate_if_full and _state.state.module_manager.translate_functions
+        if (model is not None and _C.rdp_rank() == 0 and not async_save and not translate
+                and hasattr(model, "_net") and hasattr(model, "_is_local")):
+            # smp.DistributedModel, nothing to translate (translate functions take
+            # the whole dict): gathered and written tensor by tensor, bounded memory.
+            save_full_streaming(model, os.path.join(path, tag),
+                                extra=None if translate_if_full else {"_smp_is_partial": False})
+        elif model is not None and _C.rdp_rank() == 0:
             if translate_if_full:
                 sd = model.state_dict(gather_to_rank0=True)
             else:
@@ -609,3 +617,9 @@ def resume_from_checkpoint(path, tag=None, partial=True, strict=True, load_optim
     user_content = load(uc, partial=False) if os.path.isfile(uc) else None
     barrier()
     return user_content
+
+
+# ---- offline tools: smp-checkpoint (smp/checkpoint/cli.py, docs/tools.md) ----------
+from smp.checkpoint import tools  # noqa: E402
+from smp.checkpoint.tools import reshard_offline  # noqa: E402,F401
+from smp.checkpoint.streaming import save_full_streaming  # noqa: E402,F401
