@@ -25,7 +25,9 @@
 // smp.DistributedOptimizer: --phase save writes the checkpoints and
 // <D>/reference.pt (the uninterrupted run's parameters and losses) and stops;
 // --phase resume loads them (from this program or from the Python counterpart,
-// tests/python/mp/checkpoint_interop.py) and compares within --atol.
+// tests/python/mp/checkpoint_interop.py) and compares within --atol. A resume
+// on another --tp (or rdp degree with --shard) reshards Option 1 with
+// smp::load_resharded (smp/model/reshard.h).
 #include <ftw.h>
 #include <stdlib.h>
 #include <torch/torch.h>
@@ -47,6 +49,7 @@
 #include "smp/core/error.h"
 #include "smp/model/distributed_model.h"
 #include "smp/model/distributed_optimizer.h"
+#include "smp/model/reshard.h"
 #include "smp/model/state_value.h"
 #include "smp/nn/modules.h"
 #include "smp/runtime.h"
@@ -209,6 +212,8 @@ Reference save_phase(const std::string& dir, bool shard) {
     smp::ckpt::SaveOptions options;
     options.partial = true;
     options.v3 = shard;  // sharded optimizer state: every rank writes its own file
+    // Names and shard specs of every tensor: another layout can reshard it.
+    smp::record_shards(checkpoint, *a.model, options);
     smp::ckpt::save(checkpoint, dir + "/checkpoint.pt", options);
   }
 
@@ -264,9 +269,14 @@ void resume(const std::string& dir, bool partial, const Reference& ref, double a
   const std::string what = partial ? "Option 1 (partial)" : "Option 2 (full)";
   Run b = build(1000);  // initialised differently from the saved run
   if (partial) {
-    const Value checkpoint = smp::ckpt::load(dir + "/checkpoint.pt");  // this rank's part
+    // Saved on another tp / rdp layout: plan and read this rank's share.
+    const bool reshard = smp::ckpt::saved_layout_differs(dir + "/checkpoint.pt");
+    const Value checkpoint =
+        reshard ? smp::load_resharded(dir + "/checkpoint.pt", *b.model, b.optimizer.get())
+                : smp::ckpt::load(dir + "/checkpoint.pt");  // this rank's part
+    if (reshard && smp::rank() == 0) std::cout << what << ": resharded" << std::endl;
     b.model->load_state_dict(smp::tensor_map(checkpoint.at("model_state_dict")),
-                             /*strict=*/true, /*same_partition_load=*/true);
+                             /*strict=*/true, /*same_partition_load=*/!reshard);
     b.optimizer->load_state_dict(checkpoint.at("optimizer_state_dict"));
   } else {
     smp::ckpt::LoadOptions options;
