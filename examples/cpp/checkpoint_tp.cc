@@ -172,6 +172,38 @@ void compare_params(const smp::TensorMap& got, const Value& want, double atol,
   }
 }
 
+/// The full optimizer state (Adam step, exp_avg, exp_avg_sq of every
+/// parameter, gathered) equals Option 2's saved one (<dir>/full.pt); every
+/// rank must call it.
+void compare_moments(Run& r, const std::string& dir, double atol, const std::string& what) {
+  const Value got = r.optimizer->state_dict();  // collective
+  if (smp::rank() != 0) return;
+  smp::ckpt::LoadOptions options;
+  options.partial = false;
+  const Value want = smp::ckpt::load(dir + "/full.pt", options).at("optimizer_state_dict");
+  const auto& names = want.at("_smp_param_names").items();
+  std::vector<std::string> flat;
+  for (const Value& g : names)
+    for (const Value& n : g.items()) flat.push_back(n.as_string());
+  const Value& got_state = got.at("state");
+  for (const auto& [pos, st] : want.at("state").pairs()) {
+    const std::string name = flat.at(static_cast<std::size_t>(pos.as_int()));
+    const Value* mine = nullptr;
+    for (const auto& [k, v] : got_state.pairs())
+      if (k.as_int() == pos.as_int()) mine = &v;
+    if (mine == nullptr) {
+      fail(what + ": optimizer state of " + name + " is missing");
+      continue;
+    }
+    for (const auto& [key, t] : st.pairs()) {
+      const Value* m = mine->find(key.as_string());
+      if (!t.is_tensor()) continue;
+      if (m == nullptr || !m->is_tensor() || !close(m->tensor().cpu(), t.tensor(), atol))
+        fail(what + ": optimizer state " + name + "/" + key.as_string() + " differs");
+    }
+  }
+}
+
 // POSIX calls rather than std::filesystem: the CUDA builds of libtorch export
 // std::filesystem symbols of their own that can interpose over libstdc++'s.
 std::string phase_all_dir() {
@@ -286,6 +318,7 @@ void resume(const std::string& dir, bool partial, const Reference& ref, double a
     b.optimizer->load_state_dict(checkpoint.at("optimizer_state_dict"));
   }
   compare_params(full_params(b), ref.saved_params, atol, what + " right after loading");
+  if (partial) compare_moments(b, dir, atol, what + " right after loading");
   std::vector<double> losses;
   for (int step = kSteps; step < kSteps + kMore; ++step) losses.push_back(train_step(b, step));
   if (smp::rank() == 0) {
