@@ -25,7 +25,9 @@
 // smp.DistributedOptimizer: --phase save writes the checkpoints and
 // <D>/reference.pt (the uninterrupted run's parameters and losses) and stops;
 // --phase resume loads them (from this program or from the Python counterpart,
-// tests/python/mp/checkpoint_interop.py) and compares within --atol.
+// tests/python/mp/checkpoint_interop.py) and compares within --atol. A resume
+// on another --tp (or rdp degree with --shard) reshards Option 1 with
+// smp::load_resharded (smp/model/reshard.h).
 #include <ftw.h>
 #include <stdlib.h>
 #include <torch/torch.h>
@@ -47,6 +49,7 @@
 #include "smp/core/error.h"
 #include "smp/model/distributed_model.h"
 #include "smp/model/distributed_optimizer.h"
+#include "smp/model/reshard.h"
 #include "smp/model/state_value.h"
 #include "smp/nn/modules.h"
 #include "smp/runtime.h"
@@ -169,6 +172,38 @@ void compare_params(const smp::TensorMap& got, const Value& want, double atol,
   }
 }
 
+/// The full optimizer state (Adam step, exp_avg, exp_avg_sq of every
+/// parameter, gathered) equals Option 2's saved one (<dir>/full.pt); every
+/// rank must call it.
+void compare_moments(Run& r, const std::string& dir, double atol, const std::string& what) {
+  const Value got = r.optimizer->state_dict();  // collective
+  if (smp::rank() != 0) return;
+  smp::ckpt::LoadOptions options;
+  options.partial = false;
+  const Value want = smp::ckpt::load(dir + "/full.pt", options).at("optimizer_state_dict");
+  const auto& names = want.at("_smp_param_names").items();
+  std::vector<std::string> flat;
+  for (const Value& g : names)
+    for (const Value& n : g.items()) flat.push_back(n.as_string());
+  const Value& got_state = got.at("state");
+  for (const auto& [pos, st] : want.at("state").pairs()) {
+    const std::string name = flat.at(static_cast<std::size_t>(pos.as_int()));
+    const Value* mine = nullptr;
+    for (const auto& [k, v] : got_state.pairs())
+      if (k.as_int() == pos.as_int()) mine = &v;
+    if (mine == nullptr) {
+      fail(what + ": optimizer state of " + name + " is missing");
+      continue;
+    }
+    for (const auto& [key, t] : st.pairs()) {
+      const Value* m = mine->find(key.as_string());
+      if (!t.is_tensor()) continue;
+      if (m == nullptr || !m->is_tensor() || !close(m->tensor().cpu(), t.tensor(), atol))
+        fail(what + ": optimizer state " + name + "/" + key.as_string() + " differs");
+    }
+  }
+}
+
 // POSIX calls rather than std::filesystem: the CUDA builds of libtorch export
 // std::filesystem symbols of their own that can interpose over libstdc++'s.
 std::string phase_all_dir() {
@@ -209,6 +244,8 @@ Reference save_phase(const std::string& dir, bool shard) {
     smp::ckpt::SaveOptions options;
     options.partial = true;
     options.v3 = shard;  // sharded optimizer state: every rank writes its own file
+    // Names and shard specs of every tensor: another layout can reshard it.
+    smp::record_shards(checkpoint, *a.model, options);
     smp::ckpt::save(checkpoint, dir + "/checkpoint.pt", options);
   }
 
@@ -264,9 +301,14 @@ void resume(const std::string& dir, bool partial, const Reference& ref, double a
   const std::string what = partial ? "Option 1 (partial)" : "Option 2 (full)";
   Run b = build(1000);  // initialised differently from the saved run
   if (partial) {
-    const Value checkpoint = smp::ckpt::load(dir + "/checkpoint.pt");  // this rank's part
+    // Saved on another tp / rdp layout: plan and read this rank's share.
+    const bool reshard = smp::ckpt::saved_layout_differs(dir + "/checkpoint.pt");
+    const Value checkpoint =
+        reshard ? smp::load_resharded(dir + "/checkpoint.pt", *b.model, b.optimizer.get())
+                : smp::ckpt::load(dir + "/checkpoint.pt");  // this rank's part
+    if (reshard && smp::rank() == 0) std::cout << what << ": resharded" << std::endl;
     b.model->load_state_dict(smp::tensor_map(checkpoint.at("model_state_dict")),
-                             /*strict=*/true, /*same_partition_load=*/true);
+                             /*strict=*/true, /*same_partition_load=*/!reshard);
     b.optimizer->load_state_dict(checkpoint.at("optimizer_state_dict"));
   } else {
     smp::ckpt::LoadOptions options;
@@ -276,6 +318,7 @@ void resume(const std::string& dir, bool partial, const Reference& ref, double a
     b.optimizer->load_state_dict(checkpoint.at("optimizer_state_dict"));
   }
   compare_params(full_params(b), ref.saved_params, atol, what + " right after loading");
+  if (partial) compare_moments(b, dir, atol, what + " right after loading");
   std::vector<double> losses;
   for (int step = kSteps; step < kSteps + kMore; ++step) losses.push_back(train_step(b, step));
   if (smp::rank() == 0) {

@@ -140,7 +140,8 @@ ReshardSource::ReshardSource(const std::string& f) : impl_(std::make_unique<Impl
     SMP_CHECK(names_it != index.info.end(), CheckpointError, "checkpoint '", f, "': part '",
               path, "' records no tensor names (index info '", kTensorNamesInfoKey,
               "'): it was saved by an smp without shard records, or its state dicts were not "
-              "recognised (model.local_state_dict() / optimizer.local_state_dict()). It loads "
+              "recognised (model.local_state_dict() / optimizer.local_state_dict(); from C++, "
+              "call smp::record_shards before smp::ckpt::save). It loads "
               "only on its saving layout (", layout_text(m), ")");
     std::map<std::vector<std::string>, std::string> names;
     for (auto& n : decode_tensor_names(names_it->second, path)) names[n.path] = n.name;

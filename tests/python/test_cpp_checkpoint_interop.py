@@ -56,6 +56,25 @@ def test_cpp_saves_python_resumes(tmp_path, shard):
     assert ok_ranks(out, "checkpoint_interop") == [0, 1, 2, 3], out
 
 
+@needs_exe
+@pytest.mark.parametrize("shard", [0, 1])
+def test_cpp_saves_tp2_python_reshards_tp4(tmp_path, shard):
+    """Resharding across languages: C++ saves Option 1 at tp2 (with
+    smp::record_shards), Python's smp.load(partial=True) reshards it at tp4."""
+    run_cpp(4, *cpp_args(2, shard), "--dir", tmp_path, "--phase", "save")
+    out = run_mpi(4, "checkpoint_interop.py", tmp_path, 4, shard, "resume", ATOL).stdout
+    assert ok_ranks(out, "checkpoint_interop") == [0, 1, 2, 3], out
+
+
+@needs_exe
+@pytest.mark.parametrize("shard", [0, 1])
+def test_python_saves_tp2_cpp_reshards_tp1(tmp_path, shard):
+    """The reverse: Python saves at tp2, C++ smp::load_resharded reads it at tp1."""
+    run_mpi(4, "checkpoint_interop.py", tmp_path, 2, shard, "save")
+    out = run_cpp(4, *cpp_args(1, shard), "--dir", tmp_path, "--phase", "resume", "--atol", ATOL)
+    assert "Option 1 (partial): resharded" in out and "checkpoint_tp: OK" in out, out
+
+
 def structure(obj, where="", out=None):
     """{path: description} of a checkpoint object: types, keys, tensor dtypes and
     shapes, and the values of everything but tensors."""

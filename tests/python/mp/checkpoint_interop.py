@@ -148,7 +148,9 @@ def resume_phase():
         model, optimizer = build(1000)
         if partial:
             checkpoint = smp.load(os.path.join(DIR, "checkpoint.pt"), partial=True)
-            model.load_state_dict(checkpoint["model_state_dict"], same_partition_load=True)
+            # Saved on another layout: smp.load resharded it (docs/api.md, "Resharding").
+            same = "_smp_resharded_from" not in checkpoint["model_state_dict"]
+            model.load_state_dict(checkpoint["model_state_dict"], same_partition_load=same)
         else:
             checkpoint = smp.load(os.path.join(DIR, "full.pt"), partial=False)
             model.load_state_dict(checkpoint["model_state_dict"])
