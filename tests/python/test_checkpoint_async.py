@@ -110,7 +110,7 @@ MP_CODE = textwrap.dedent("""
     assert not os.path.exists(D + "/ck/step1_partial")
     got = smp.load(D + "/ck/step2_partial/model.pt", partial=True)
     assert torch.equal(got["w"], torch.full((1000,), 110.0 + r)), got["w"][:3]
-    print("ckpt_async OK", r, flush=True)
+    print(f"ckpt_async OK {r}", flush=True)
     smp.shutdown()
 """)
 

@@ -71,7 +71,7 @@ opt = smp.DistributedOptimizer(torch.optim.Adam(list(dict.fromkeys(model.paramet
 uc = smp.resume_from_checkpoint({str(copy / "train")!r}, model=model, optimizer=opt)
 assert uc == {{"step": 1, "note": "compat"}}, uc
 assert mc.canonical(model.local_state_dict()) == expected[f"train/model/tp{{tp}}"]
-print("compat OK", smp.rank())
+print("compat OK " + str(smp.rank()), flush=True)
 """
     res = run_mpi_code(2, code)
     assert res.stdout.count("compat OK") == 2, res.stdout

@@ -88,13 +88,13 @@ if smp.rank() == 0:
     os.rename(parts[1], f + ".gone")
 smp.barrier()
 msg = expect_error(smp.CheckpointError, parts[1], "incomplete checkpoint")
-print("MSG", smp.rank(), msg.replace("\n", " "), flush=True)
+print(f"MSG {smp.rank()} " + msg.replace("\n", " "), flush=True)
 smp.barrier()
 if smp.rank() == 0:
     os.rename(f + ".gone", parts[1])
 smp.barrier()
 assert smp.load(f, partial=True)["tp"] == tp
-print("identity OK", smp.rank(), flush=True)
+print(f"identity OK {smp.rank()}", flush=True)
 """
 
 
@@ -117,7 +117,7 @@ if partial:
 for i in range(n):
     smp.save({"who": who, "i": i, "w": torch.full((1 << 20,), float(who * 1000 + i))}, f,
              partial=partial)
-print("saver OK", who, flush=True)
+print(f"saver OK {who}", flush=True)
 smp.shutdown()
 """
 
@@ -329,7 +329,7 @@ if smp.dp_rank() == 0:  # the mistake: must be rdp_rank() == 0
     except smp.CommTimeoutError as e:
         msg = str(e)
         assert "rdp_rank() == 0" in msg and "never called it" in msg, msg
-        print("gather OK", smp.rank(), msg.replace("\n", " "), flush=True)
+        print(f"gather OK {smp.rank()} " + msg.replace("\n", " "), flush=True)
 else:
     print("skipped", smp.rank(), "rdp", smp.rdp_rank(), "tp", smp.tp_rank(), flush=True)
 smp.barrier()

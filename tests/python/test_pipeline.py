@@ -358,7 +358,7 @@ except smp.NotSupportedError as e:
                  "belong to no pipeline stage", "['a', 'b']", "would be neither trained nor saved",
                  "move them into a submodule that forward calls"):
         assert part in text, (part, text)
-print("orphans OK", smp.rank(), flush=True)
+print(f"orphans OK {smp.rank()}", flush=True)
 smp.shutdown()
 """
 
