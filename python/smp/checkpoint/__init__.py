@@ -268,6 +268,23 @@ def _unsafe_load_switch():
     return v not in ("", "0", "false", "no", "off")
 
 
+def _timed_torch_load(path, stats, **kwargs):
+    """torch.load(path, **kwargs), its time added to the load's `stats`."""
+    t0 = time.perf_counter()
+    obj = torch.load(path, **kwargs)
+    stats["deserialize_seconds"] = time.perf_counter() - t0
+    stats["seconds"] = stats["open_seconds"] + stats["deserialize_seconds"]
+    return obj
+
+
+def _load_resharded(f, map_location):
+    """smp.load's resharding path (smp/_reshard.py); sets last_load_stats."""
+    global last_load_stats
+    obj, stats = _reshard.load_resharded(f)
+    last_load_stats = stats
+    return _apply_map_location(obj, map_location, {})
+
+
 def load(f, partial=True, map_location=None, weights_only=None, *, verify_checksums=True,
          back_compat=False, pickle_module=None, **pickle_load_args):
     """Loads what smp.save wrote (or torch.save under smp's names).
@@ -300,20 +317,14 @@ def load(f, partial=True, map_location=None, weights_only=None, *, verify_checks
         weights_only = not _unsafe_load_switch()
     if not weights_only:
         path, stats = _C.ckpt_resolve(f, partial=partial)
-        t0 = time.perf_counter()
         if pickle_module is not None:
             pickle_load_args["pickle_module"] = pickle_module
-        obj = torch.load(path, map_location=map_location, weights_only=False, **pickle_load_args)
-        stats["deserialize_seconds"] = time.perf_counter() - t0
-        stats["seconds"] = stats["open_seconds"] + stats["deserialize_seconds"]
+        obj = _timed_torch_load(path, stats, map_location=map_location, weights_only=False,
+                                **pickle_load_args)
         last_load_stats = stats
         return obj
-    # ---- resharding: a partial checkpoint saved on another layout (smp/_reshard.py) ----
-    if partial and _reshard.layout_differs(f):
-        obj, stats = _reshard.load_resharded(f)
-        last_load_stats = stats
-        return _apply_map_location(obj, map_location, {})
-    # ---- end resharding ----
+    if partial and _reshard.layout_differs(f):  # saved on another layout (smp/_reshard.py)
+        return _load_resharded(f, map_location)
     device = _direct_device(map_location)
     try:
         obj, stats = _C.ckpt_load(f, partial=partial, verify_checksums=verify_checksums,
@@ -322,10 +333,10 @@ def load(f, partial=True, map_location=None, weights_only=None, *, verify_checks
         # Not plain data: torch's own safe unpickler may still allow it
         # (torch.Size, dtypes, ...); it never runs code either.
         path, stats = _C.ckpt_resolve(f, partial=partial)
-        t0 = time.perf_counter()
         try:
             with torch.serialization.safe_globals(_numpy_safe_globals()):
-                obj = torch.load(path, map_location=map_location, weights_only=True)
+                obj = _timed_torch_load(path, stats, map_location=map_location,
+                                        weights_only=True)
         except Exception as te:  # torch raises UnpicklingError for refused globals
             why = next((ln.strip() for ln in str(te).splitlines()
                         if "Unsupported global" in ln), None)
@@ -338,16 +349,11 @@ def load(f, partial=True, map_location=None, weights_only=None, *, verify_checks
                 "torch.serialization.safe_globals([...]) context manager) before smp.load. "
                 "If you trust this file, load it with smp.load(..., weights_only=False), or set "
                 "SMP_UNSAFE_LOAD=1 in the job's environment (no script change)") from None
-        stats["deserialize_seconds"] = time.perf_counter() - t0
-        stats["seconds"] = stats["open_seconds"] + stats["deserialize_seconds"]
         last_load_stats = stats
         return obj
-    # ---- resharding: sharded optimizer state saved per owner, loaded unsharded ----
     if partial and _reshard.holds_partial_owned_state(obj):
-        obj, stats = _reshard.load_resharded(f)
-        last_load_stats = stats
-        return _apply_map_location(obj, map_location, {})
-    # ---- end resharding ----
+        # sharded optimizer state saved per owner, loaded unsharded
+        return _load_resharded(f, map_location)
     t0 = time.perf_counter()
     if device is None:
         obj = _apply_map_location(obj, map_location, {})

@@ -11,7 +11,6 @@ intermediate and output in one layer), and smp v1's translation functions.
 """
 
 from smp.nn.huggingface import common, translate
-from smp.nn.transformer import DistributedTransformerLayer
 
 _WHO = "BERT (BertLayer, RobertaLayer)"
 
@@ -38,7 +37,7 @@ def layer_kwargs(config):
         pre_layernorm=False, post_layernorm=True)
 
 
-class DistributedBertLayer(DistributedTransformerLayer):
+class DistributedBertLayer(common.HFLayer):
     """Hugging Face's BertLayer across TP_GROUP (parameter names are
     smp.nn.DistributedTransformerLayer's; smp.state.module_manager.translate_functions
     maps them to BERT's). Takes BertLayer's call (hidden_states,
@@ -46,36 +45,17 @@ class DistributedBertLayer(DistributedTransformerLayer):
     cross-attention, head masks, output_attentions, filling a key/value cache."""
 
     _smp_hf_kind = "bert"
+    layer_kwargs = staticmethod(layer_kwargs)
 
-    def __init__(self, config, layer_idx=None, attention_in_fp32=False, seed=None, dtype=None,
-                 device=None):
-        super().__init__(**layer_kwargs(config), attention_in_fp32=attention_in_fp32, seed=seed,
-                         dtype=dtype, device=device)
-        self.layer_idx = layer_idx
-        self._smp_hf_buffers = {}
-
-    @classmethod
-    def from_module(cls, module, attention_in_fp32=False):
-        """This rank's part of a BertLayer ``module`` (same dtype and device)."""
-        first = next(module.parameters())
-        attn = module.attention.self
-        out = cls(attn.config, getattr(attn, "layer_idx", None),
-                  attention_in_fp32=attention_in_fp32, seed=0, dtype=first.dtype,
-                  device=first.device)
-        full = translate.to_smp(module.state_dict(), "bert", [""])
-        for name in out._smp_full_param_names():
-            out._smp_load_full(name, full[name])
-        out._smp_hf_buffers = common.hf_buffers(module)
-        return out
+    @staticmethod
+    def hf_attention(module):
+        return module.attention.self
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         common.check_extras(_WHO, args, kwargs)
         mask = common.additive_mask(_WHO, attention_mask, hidden_states.dtype)
         out = super().forward(hidden_states, mask)
         return common.layer_output(out)
-
-    def extra_repr(self):
-        return f"bert, {super().extra_repr()}"
 
 
 def translate_state_dict_to_hf_bert(state_dict, max_seq_len=None):

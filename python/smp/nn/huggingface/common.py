@@ -7,6 +7,8 @@ import sys
 import torch
 
 from smp import _C
+from smp.nn.huggingface import translate
+from smp.nn.transformer import DistributedTransformerLayer
 
 logger = logging.getLogger("smp.nn.huggingface")
 
@@ -109,3 +111,38 @@ def layer_output(out, use_cache=False):
     if transformers_major() >= 5:
         return out
     return (out, None) if use_cache else (out,)
+
+
+class HFLayer(DistributedTransformerLayer):
+    """What the Hugging Face layer replacements share: built from the HF
+    config through the subclass's ``layer_kwargs``, and from an HF module by
+    translating its state dict (``_smp_hf_kind``) and loading this rank's part.
+    A subclass sets ``_smp_hf_kind``, ``layer_kwargs`` (config -> keywords) and
+    ``hf_attention`` (module -> its attention module, which holds the config
+    and layer_idx)."""
+
+    _smp_hf_kind = None
+
+    def __init__(self, config, layer_idx=None, attention_in_fp32=False, seed=None, dtype=None,
+                 device=None):
+        super().__init__(**type(self).layer_kwargs(config), attention_in_fp32=attention_in_fp32,
+                         seed=seed, dtype=dtype, device=device)
+        self.layer_idx = layer_idx
+        self._smp_hf_buffers = {}
+
+    @classmethod
+    def from_module(cls, module, attention_in_fp32=False):
+        """This rank's part of the HF layer ``module`` (same dtype and device)."""
+        first = next(module.parameters())
+        attn = cls.hf_attention(module)
+        out = cls(attn.config, getattr(attn, "layer_idx", None),
+                  attention_in_fp32=attention_in_fp32, seed=0, dtype=first.dtype,
+                  device=first.device)
+        full = translate.to_smp(module.state_dict(), cls._smp_hf_kind, [""])
+        for name in out._smp_full_param_names():
+            out._smp_load_full(name, full[name])
+        out._smp_hf_buffers = hf_buffers(module)
+        return out
+
+    def extra_repr(self):
+        return f"{self._smp_hf_kind}, {super().extra_repr()}"

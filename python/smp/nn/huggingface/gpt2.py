@@ -13,7 +13,6 @@ and GPT-2's activation), and smp v1's translation functions.
 import torch
 
 from smp.nn.huggingface import common, translate
-from smp.nn.transformer import DistributedTransformerLayer
 
 _WHO = "GPT-2 (GPT2Block)"
 
@@ -41,7 +40,7 @@ def layer_kwargs(config):
         post_layernorm=False)
 
 
-class DistributedGPT2Block(DistributedTransformerLayer):
+class DistributedGPT2Block(common.HFLayer):
     """Hugging Face's GPT2Block across TP_GROUP: attention heads and MLP units
     split as in smp.nn.DistributedTransformerLayer (parameter names are that
     layer's; smp.state.module_manager.translate_functions maps them to
@@ -50,26 +49,11 @@ class DistributedGPT2Block(DistributedTransformerLayer):
     head masks, output_attentions, filling a key/value cache."""
 
     _smp_hf_kind = "gpt2"
+    layer_kwargs = staticmethod(layer_kwargs)
 
-    def __init__(self, config, layer_idx=None, attention_in_fp32=False, seed=None, dtype=None,
-                 device=None):
-        super().__init__(**layer_kwargs(config), attention_in_fp32=attention_in_fp32, seed=seed,
-                         dtype=dtype, device=device)
-        self.layer_idx = layer_idx
-        self._smp_hf_buffers = {}
-
-    @classmethod
-    def from_module(cls, module, attention_in_fp32=False):
-        """This rank's part of a GPT2Block ``module`` (same dtype and device)."""
-        first = next(module.parameters())
-        out = cls(module.attn.config, getattr(module.attn, "layer_idx", None),
-                  attention_in_fp32=attention_in_fp32, seed=0, dtype=first.dtype,
-                  device=first.device)
-        full = translate.to_smp(module.state_dict(), "gpt2", [""])
-        for name in out._smp_full_param_names():
-            out._smp_load_full(name, full[name])
-        out._smp_hf_buffers = common.hf_buffers(module)
-        return out
+    @staticmethod
+    def hf_attention(module):
+        return module.attn
 
     def forward(self, hidden_states, cache=None, attention_mask=None, *args, use_cache=False,
                 **kwargs):
@@ -79,9 +63,6 @@ class DistributedGPT2Block(DistributedTransformerLayer):
         mask = common.additive_mask(_WHO, attention_mask, hidden_states.dtype)
         out = super().forward(hidden_states, mask)
         return common.layer_output(out, use_cache)
-
-    def extra_repr(self):
-        return f"gpt2, {super().extra_repr()}"
 
 
 def translate_state_dict_to_hf_gpt2(state_dict, max_seq_len=None):
