@@ -142,6 +142,7 @@ py::dict save_stats(const ckpt::SaveStats& s) {
   d["fsync_seconds"] = s.fsync_seconds;
   d["rendezvous_seconds"] = s.rendezvous_seconds;
   d["commit_seconds"] = s.commit_seconds;
+  d["profile"] = s.profile;
   return d;
 }
 
@@ -156,6 +157,7 @@ py::dict load_stats(const ckpt::LoadStats& s) {
   d["open_seconds"] = s.open_seconds;
   d["read_seconds"] = s.read_seconds;
   d["deserialize_seconds"] = s.deserialize_seconds;
+  d["profile"] = s.profile;
   return d;
 }
 

@@ -416,13 +416,26 @@ SaveStats SaveSession::commit(const WriteStats& written, bool smp_index) {
   st.serialize_seconds = written.pickle_seconds + written.copy_seconds;
   st.write_seconds = written.write_seconds;
   st.fsync_seconds = written.sync_seconds;
+  st.profile = written.profile;
+  auto lap = [&st](const char* key, Clock::time_point& since_t) {
+    const auto now = Clock::now();
+    st.profile[key] += std::chrono::duration<double>(now - since_t).count();
+    since_t = now;
+  };
+  auto tp = Clock::now();
 
   // The one rename of this part: its temporary name -> its final name.
   auto rename_into_place = [&] {
     try {
-      internal::move_into_place(im.tmp, im.path, im.options.write.fsync,
+      auto t_rename = Clock::now();
+      internal::move_into_place(im.tmp, im.path, /*fsync=*/false,
                                 "the new part was written to '" + im.tmp +
                                     "'; check the directory's permissions");
+      lap("commit_rename", t_rename);
+      if (im.options.write.fsync) {
+        internal::sync_directory(internal::parent_dir(im.path));
+        lap("commit_dir_fsync", t_rename);
+      }
     } catch (const std::exception&) {
       im.abort_all(detail::str("rank ", im.me, " could not rename '", im.tmp, "' to '", im.path,
                                "'"));
@@ -444,8 +457,10 @@ SaveStats SaveSession::commit(const WriteStats& written, bool smp_index) {
   im.set("written/" + std::to_string(im.me),
          detail::str("ok ", written.bytes, " ", smp_index ? 1 : 0, " ", base_name(im.path)));
   const std::string manifest_path = manifest_file_name(im.f);
+  tp = Clock::now();
   if (im.is_lowest()) {
     const auto missing = im.wait_all("written", im.participants, im.timeout_s);
+    lap("commit_wait_written", tp);
     if (!missing.empty()) {
       const std::string why =
           im.missing_text(missing, "to write their files", im.timeout_s);
@@ -505,6 +520,7 @@ SaveStats SaveSession::commit(const WriteStats& written, bool smp_index) {
       throw;
     }
     im.set("commit", "1");
+    lap("commit_manifest", tp);
   } else {
     // The lowest participant reports missing ranks first; wait a little longer.
     const double wait = im.timeout_s + std::min(10.0, im.timeout_s);
@@ -518,15 +534,19 @@ SaveStats SaveSession::commit(const WriteStats& written, bool smp_index) {
       im.finished = true;
       SMP_THROW(CheckpointError, why);
     }
+    lap("commit_wait_manifest", tp);
   }
 
   // Committed: move the new part into place. Readers roll forward from
   // "<name>.tmp-<save id>" for parts not renamed yet.
   rename_into_place();
+  tp = Clock::now();
   im.remove_leftovers();
   im.set("renamed/" + std::to_string(im.me), "1");
+  lap("commit_cleanup", tp);
   if (im.is_lowest()) {
     const auto missing = im.wait_all("renamed", im.participants, im.timeout_s);
+    lap("commit_wait_renamed", tp);
     if (!missing.empty()) {
       SMP_LOG(kWarning, "smp.save of '", im.f, "' is committed (manifest written) but ",
               describe_ranks(missing), " did not confirm the rename within ", im.timeout_s,
@@ -548,6 +568,7 @@ SaveStats SaveSession::commit(const WriteStats& written, bool smp_index) {
     }
     im.set("complete", "1");
     im.lock.release();
+    lap("commit_cleanup", tp);
   } else {
     if (!im.wait_one("complete", im.timeout_s + std::min(10.0, im.timeout_s))) {
       SMP_LOG(kWarning, "smp.save of '", im.f, "' is committed but the lowest participant ",

@@ -2,6 +2,8 @@
 // checkpoint I/O, allocated once and reused, and the machine-derived I/O defaults.
 #include "checkpoint/host_buffers.h"
 
+#include <sys/mman.h>
+
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
@@ -57,10 +59,25 @@ IoDefaults io_defaults() {
                      env_long("SMP_CKPT_POOL_MB", def_mb, internal::kIoChunk >> 20, 1L << 20,
                               "a size in MiB of the host staging pool")) << 20;
   d.o_direct = env_bool("SMP_CKPT_O_DIRECT", false);
+  d.early_writeback = env_bool("SMP_CKPT_WRITEBACK", true);
   return d;
 }
 
 namespace internal {
+
+void advise_huge_pages(void* data, std::size_t bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
+  const auto begin = (reinterpret_cast<std::uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const auto end = (reinterpret_cast<std::uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) {
+    (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
 
 bool cuda_available() {
   static const bool has = [] {

@@ -27,6 +27,12 @@ bool cuda_available();
 /// uint8 CPU tensor.
 at::Tensor allocate_host(std::size_t bytes);
 
+/// Asks the kernel to back [data, data + bytes) with transparent huge pages
+/// (madvise MADV_HUGEPAGE on the whole 2 MiB pages inside it): a loaded
+/// tensor's fresh memory then takes one page fault per 2 MiB instead of one
+/// per 4 KiB. Best effort: a no-op where THP is off or unsupported.
+void advise_huge_pages(void* data, std::size_t bytes);
+
 /// A bounded pool of equal slots of host memory. acquire() blocks while every
 /// slot is in use; release() hands one back. The memory of the process-wide
 /// pool (staging_pool) is allocated on first use and kept.

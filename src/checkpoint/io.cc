@@ -1,12 +1,12 @@
 // io: the only place checkpoint bytes meet the file system: File (checked
 // positional I/O), atomic_write and move_into_place (temporary + fsync +
-// rename + directory fsync), CRC-32, path helpers, ids and parallel_for.
+// rename + directory fsync), path helpers, ids and parallel_for (the CRC-32
+// declared in io.h is in crc32.cc).
 #include "checkpoint/io.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <zlib.h>
 
 #include <algorithm>
 #include <atomic>
@@ -140,6 +140,18 @@ void File::truncate(std::uint64_t size) const {
   if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) throw_syscall(path_, "ftruncate", errno);
 }
 
+void File::start_writeback(std::uint64_t offset, std::size_t n) const {
+#if defined(__linux__) && defined(SYNC_FILE_RANGE_WRITE)
+  // Best effort: a file system without it (or an error the final fsync will
+  // report anyway) leaves the bytes to that fsync.
+  (void)::sync_file_range(fd_, static_cast<off_t>(offset), static_cast<off_t>(n),
+                          SYNC_FILE_RANGE_WRITE);
+#else
+  (void)offset;
+  (void)n;
+#endif
+}
+
 void File::sync() const {
   if (::fsync(fd_) != 0) throw_syscall(path_, "fsync", errno);
 }
@@ -161,22 +173,6 @@ void sync_directory(const std::string& dir) {
   if (rc != 0 && err != EINVAL && err != ENOTSUP) throw_syscall(dir, "fsync (directory)", err);
 }
 
-std::uint32_t crc32_update(std::uint32_t crc, const void* data, std::size_t n) {
-  const auto* p = static_cast<const Bytef*>(data);
-  uLong c = crc;
-  while (n > 0) {
-    const std::size_t chunk = std::min<std::size_t>(n, std::size_t{1} << 30);
-    c = ::crc32(c, p, static_cast<uInt>(chunk));
-    p += chunk;
-    n -= chunk;
-  }
-  return static_cast<std::uint32_t>(c);
-}
-
-std::uint32_t crc32_join(std::uint32_t crc_a, std::uint32_t crc_b, std::uint64_t len_b) {
-  return static_cast<std::uint32_t>(
-      ::crc32_combine64(crc_a, crc_b, static_cast<z_off64_t>(len_b)));
-}
 
 // ---- paths -----------------------------------------------------------------
 

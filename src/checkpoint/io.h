@@ -48,6 +48,10 @@ class File {
   void pwrite_all(const void* src, std::size_t n, std::uint64_t offset) const;
   /// Sets the file length (used to reserve the final size up front).
   void truncate(std::uint64_t size) const;
+  /// Asks the kernel to start writing [offset, offset + n) to the disk now
+  /// (sync_file_range SYNC_FILE_RANGE_WRITE; it does not wait), so that the
+  /// final sync() finds most pages written. A no-op where unsupported.
+  void start_writeback(std::uint64_t offset, std::size_t n) const;
   void sync() const;
   /// Closes, checking close()'s result.
   void close();
@@ -60,8 +64,12 @@ class File {
 /// fsync of a directory, so that a rename inside it is durable.
 void sync_directory(const std::string& dir);
 
-/// CRC-32 (zlib) of a buffer of any size, continuing from `crc`.
+/// CRC-32 (zip's; the same value as zlib's crc32) of a buffer of any size,
+/// continuing from `crc`: folded with carry-less multiplication where the CPU
+/// has it, zlib's table otherwise (crc32.cc).
 std::uint32_t crc32_update(std::uint32_t crc, const void* data, std::size_t n);
+/// The same through zlib only (tests compare the two).
+std::uint32_t crc32_update_zlib(std::uint32_t crc, const void* data, std::size_t n);
 /// CRC-32 of the concatenation A+B from crc(A), crc(B) and len(B).
 std::uint32_t crc32_join(std::uint32_t crc_a, std::uint32_t crc_b, std::uint64_t len_b);
 

@@ -246,6 +246,7 @@ Value load(const std::string& f, const LoadOptions& options, LoadStats* stats) {
   Value v = r.reader->read_object(options.read, &rs);
   st.bytes = internal::File::open_read(r.path).size();
   st.read_seconds = rs.read_seconds;
+  st.profile = rs.profile;
   st.deserialize_seconds = rs.unpickle_seconds + rs.build_seconds;
   st.seconds = since(t0);
   SMP_LOG(kInfo, describe(st));

@@ -33,23 +33,39 @@ struct Chunk {
 
 /// Writes [data, data+n) at `offset`: the page-aligned part through `direct`
 /// (when open and `data`/`offset` are aligned), the rest through `file`.
-void write_chunk(const File& file, const File& direct, const char* data, std::size_t n,
+/// Returns whether any of it went through the page cache.
+bool write_chunk(const File& file, const File& direct, const char* data, std::size_t n,
                  std::uint64_t offset) {
   if (direct.is_open() && reinterpret_cast<std::uintptr_t>(data) % kPage == 0 &&
       offset % kPage == 0) {
     const std::size_t aligned = n / kPage * kPage;
     if (aligned > 0) direct.pwrite_all(data, aligned, offset);
     if (aligned < n) file.pwrite_all(data + aligned, n - aligned, offset + aligned);
-    return;
+    return aligned < n;
   }
   file.pwrite_all(data, n, offset);
+  return true;
 }
+
+using Clock = std::chrono::steady_clock;
+
+/// Thread-nanoseconds, summed by several threads.
+struct Tally {
+  std::atomic<std::int64_t> ns{0};
+  void add(Clock::time_point& since) {
+    const auto now = Clock::now();
+    ns += std::chrono::duration_cast<std::chrono::nanoseconds>(now - since).count();
+    since = now;
+  }
+  double seconds() const { return ns.load() * 1e-9; }
+};
 
 }  // namespace
 
 std::vector<std::uint32_t> write_records(const File& file, const std::vector<RecordWrite>& records,
                                          int threads, std::size_t pool_bytes, bool o_direct,
-                                         PipelineStats* stats, bool stage_host) {
+                                         PipelineStats* stats, bool stage_host,
+                                         bool early_writeback) {
   // Sources: host bytes written in place, or device bytes staged chunk by chunk.
   std::vector<at::Tensor> host(records.size()), device(records.size());
   std::vector<Chunk> direct_chunks, staged_chunks;
@@ -94,20 +110,30 @@ std::vector<std::uint32_t> write_records(const File& file, const std::vector<Rec
   std::unique_lock<std::mutex> pool_lock;
   SlotPool* pool = staged_chunks.empty() ? nullptr : &staging_pool(pool_bytes, &pool_lock);
 
+  Tally t_pwrite, t_crc, t_writeback, t_idle, t_slot_wait;
   auto worker = [&] {
+    auto t = Clock::now();
     while (true) {
       Chunk c;
       {
         std::unique_lock<std::mutex> lock(mu);
         cv.wait(lock, [&] { return !ready.empty() || producer_done; });
-        if (ready.empty()) return;
+        if (ready.empty()) break;
         c = ready.front();
         ready.pop_front();
       }
+      t_idle.add(t);
       if (!failed.load()) {
         try {
-          write_chunk(file, direct, c.data, c.length, records[c.record].offset + c.begin);
+          const std::uint64_t at = records[c.record].offset + c.begin;
+          const bool buffered = write_chunk(file, direct, c.data, c.length, at);
+          t_pwrite.add(t);
+          if (buffered && early_writeback) {
+            file.start_writeback(at, c.length);
+            t_writeback.add(t);
+          }
           chunk_crc[c.index] = crc32_update(0, c.data, c.length);
+          t_crc.add(t);
         } catch (...) {
           std::lock_guard<std::mutex> lock(mu);
           if (!error) error = std::current_exception();
@@ -116,7 +142,9 @@ std::vector<std::uint32_t> write_records(const File& file, const std::vector<Rec
       }
       // Always hand the slot back: the producer may be waiting for it.
       if (c.slot != SIZE_MAX) pool->release(c.slot);
+      t = Clock::now();
     }
+    t_idle.add(t);
   };
   const int workers = static_cast<int>(std::max<std::size_t>(
       1, std::min<std::size_t>(static_cast<std::size_t>(std::max(threads, 1)), n_chunks)));
@@ -129,7 +157,9 @@ std::vector<std::uint32_t> write_records(const File& file, const std::vector<Rec
   try {
     for (Chunk c : staged_chunks) {
       if (failed.load()) break;
+      auto tw = Clock::now();
       c.slot = pool->acquire();
+      t_slot_wait.add(tw);
       try {
         at::Tensor dst = pool->tensor(c.slot, c.length);
         dst.copy_(device[c.record].narrow(0, static_cast<std::int64_t>(c.begin),
@@ -150,7 +180,7 @@ std::vector<std::uint32_t> write_records(const File& file, const std::vector<Rec
     if (!error) error = std::current_exception();
     failed = true;
   }
-  if (stats != nullptr) stats->copy_seconds = seconds_since(t0);
+  if (stats != nullptr) stats->copy_seconds = seconds_since(t0) - t_slot_wait.seconds();
   {
     std::lock_guard<std::mutex> lock(mu);
     producer_done = true;
@@ -158,6 +188,17 @@ std::vector<std::uint32_t> write_records(const File& file, const std::vector<Rec
   cv.notify_all();
   for (auto& t : pool_threads) t.join();
   if (error) std::rethrow_exception(error);
+  if (stats != nullptr) {
+    stats->profile["threads"] = workers;
+    stats->profile["pwrite"] = t_pwrite.seconds();
+    stats->profile["crc32"] = t_crc.seconds();
+    stats->profile["writeback"] = t_writeback.seconds();
+    stats->profile["idle"] = t_idle.seconds();
+    if (!staged_chunks.empty()) {
+      stats->profile["d2h_copy"] = stats->copy_seconds;
+      stats->profile["slot_wait"] = t_slot_wait.seconds();
+    }
+  }
 
   // Per-record CRCs from the per-chunk ones (chunks of a record are consecutive).
   std::vector<std::uint32_t> crc(records.size(), 0);

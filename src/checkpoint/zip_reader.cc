@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <functional>
@@ -250,6 +251,18 @@ constexpr std::size_t kChunk = kIoChunk;
 
 double since(std::chrono::steady_clock::time_point t0) { return internal::seconds_since(t0); }
 
+std::size_t chunk_length(std::uint64_t n, std::uint64_t begin) {
+  return static_cast<std::size_t>(std::min<std::uint64_t>(kChunk, n - begin));
+}
+
+/// Thread-nanoseconds spent by the reading threads in each step of a chunk.
+struct ChunkTimes {
+  std::atomic<std::int64_t> wait_ns{0};   // for a free staging slot
+  std::atomic<std::int64_t> pread_ns{0};  // in pread
+  std::atomic<std::int64_t> crc_ns{0};    // computing CRC-32s
+  std::atomic<std::int64_t> copy_ns{0};   // host -> device copies
+};
+
 std::string crc_hex(std::uint32_t crc) {
   char buf[16];
   std::snprintf(buf, sizeof(buf), "0x%08x", crc);
@@ -361,41 +374,62 @@ struct Reader::Impl {
     return rec;
   }
 
+  /// Reads bytes [begin, begin + len) of `rec` and returns their CRC-32 (0
+  /// when `crc` is false). Into `dst + begin` on the host; with `pool`, into
+  /// a staging slot that is checked there and copied into `device_bytes` (a
+  /// uint8 device tensor) at the same offset. `times`, when given, adds the
+  /// thread-seconds spent in each step.
+  std::uint32_t read_chunk(const ZipReader::Entry& rec, std::uint64_t begin, std::size_t len,
+                           void* dst, bool crc, const at::Tensor& device_bytes,
+                           internal::SlotPool* pool, ChunkTimes* times) const {
+    std::uint32_t out = 0;
+    auto t = std::chrono::steady_clock::now();
+    auto lap = [&](std::atomic<std::int64_t> ChunkTimes::*field) {
+      const auto now = std::chrono::steady_clock::now();
+      if (times != nullptr) {
+        (times->*field) += std::chrono::duration_cast<std::chrono::nanoseconds>(now - t).count();
+      }
+      t = now;
+    };
+    if (pool == nullptr) {
+      char* p = static_cast<char*>(dst) + begin;
+      zip.file().pread_exact(p, len, rec.data_offset + begin);
+      lap(&ChunkTimes::pread_ns);
+      if (crc) out = internal::crc32_update(0, p, len);
+      lap(&ChunkTimes::crc_ns);
+      return out;
+    }
+    const std::size_t slot = pool->acquire();
+    lap(&ChunkTimes::wait_ns);
+    try {
+      char* p = pool->data(slot);
+      zip.file().pread_exact(p, len, rec.data_offset + begin);
+      lap(&ChunkTimes::pread_ns);
+      if (crc) out = internal::crc32_update(0, p, len);
+      lap(&ChunkTimes::crc_ns);
+      device_bytes.narrow(0, static_cast<std::int64_t>(begin), static_cast<std::int64_t>(len))
+          .copy_(pool->tensor(slot, len));
+      lap(&ChunkTimes::copy_ns);
+    } catch (...) {
+      pool->release(slot);
+      throw;
+    }
+    pool->release(slot);
+    return out;
+  }
+
   /// Reads a whole record into dst in parallel chunks; returns its CRC-32.
-  /// With `pool`, dst is ignored: each chunk is read into a staging slot,
-  /// checked there and copied into `device_bytes` (a uint8 device tensor).
-  std::uint32_t read_record(const ZipReader::Entry& rec, void* dst, int threads, bool crc,
-                            const at::Tensor& device_bytes = {},
-                            internal::SlotPool* pool = nullptr) const {
+  std::uint32_t read_record(const ZipReader::Entry& rec, void* dst, int threads, bool crc) const {
     const std::uint64_t n = rec.size;
     const std::size_t chunks = static_cast<std::size_t>((n + kChunk - 1) / kChunk);
     std::vector<std::uint32_t> crcs(chunks, 0);
     parallel_for(chunks, threads, [&](std::size_t k) {
       const std::uint64_t begin = k * kChunk;
-      const std::size_t len = static_cast<std::size_t>(std::min<std::uint64_t>(kChunk, n - begin));
-      if (pool != nullptr) {
-        const std::size_t slot = pool->acquire();
-        try {
-          char* p = pool->data(slot);
-          zip.file().pread_exact(p, len, rec.data_offset + begin);
-          if (crc) crcs[k] = internal::crc32_update(0, p, len);
-          device_bytes.narrow(0, static_cast<std::int64_t>(begin), static_cast<std::int64_t>(len))
-              .copy_(pool->tensor(slot, len));
-        } catch (...) {
-          pool->release(slot);
-          throw;
-        }
-        pool->release(slot);
-        return;
-      }
-      char* p = static_cast<char*>(dst) + begin;
-      zip.file().pread_exact(p, len, rec.data_offset + begin);
-      if (crc) crcs[k] = internal::crc32_update(0, p, len);
+      crcs[k] = read_chunk(rec, begin, chunk_length(n, begin), dst, crc, {}, nullptr, nullptr);
     });
     std::uint32_t total = 0;
     for (std::size_t k = 0; k < chunks; ++k) {
-      const std::uint64_t len = std::min<std::uint64_t>(kChunk, n - k * kChunk);
-      total = k == 0 ? crcs[k] : internal::crc32_join(total, crcs[k], len);
+      total = k == 0 ? crcs[k] : internal::crc32_join(total, crcs[k], chunk_length(n, k * kChunk));
     }
     return total;
   }
@@ -513,29 +547,63 @@ Value Reader::read_object(const ReadOptions& options, ReadStats* stats) const {
     records[i] = im.record(u.storages[i]);
     storages[i] = at::empty({static_cast<std::int64_t>(u.storages[i].numel)},
                             at::TensorOptions().dtype(u.storages[i].dtype).device(options.device));
+    if (!to_device) internal::advise_huge_pages(storages[i].data_ptr(), records[i]->size);
   }
-  // Large records are split across the threads inside read_record; small ones
-  // are read by one thread each.
-  std::vector<std::size_t> big, little;
-  for (std::size_t i = 0; i < records.size(); ++i) {
-    (records[i]->size > kChunk ? big : little).push_back(i);
-  }
-  auto load = [&](std::size_t i, int threads) {
-    const std::uint32_t crc =
-        to_device && records[i]->size > 0
-            ? im.read_record(*records[i], nullptr, threads, options.verify_checksums,
-                             storages[i].view({-1}).view(at::kByte), pool)
-            : im.read_record(*records[i], storages[i].data_ptr(), threads,
-                             options.verify_checksums);
-    if (options.verify_checksums && crc != records[i]->crc) {
-      im.crc_mismatch(*records[i], u.storages[i].key, storage_path[i], crc);
-    }
+  // Every chunk of every record is one task for the same threads: no barrier
+  // between records, and small records fill the gaps of large ones. The
+  // per-chunk CRC-32s are joined per record afterwards.
+  struct Task {
+    std::size_t storage;
+    std::uint64_t begin;
+    std::size_t length;
   };
-  for (std::size_t i : big) load(i, threads);
-  parallel_for(little.size(), threads, [&](std::size_t k) { load(little[k], 1); });
+  std::vector<Task> tasks;
+  std::vector<std::size_t> first_task(records.size() + 1, 0);
+  for (std::size_t i = 0; i < records.size(); ++i) {
+    first_task[i] = tasks.size();
+    for (std::uint64_t b = 0; b < records[i]->size; b += kChunk) {
+      tasks.push_back({i, b, chunk_length(records[i]->size, b)});
+    }
+  }
+  first_task[records.size()] = tasks.size();
+  std::vector<at::Tensor> device_bytes(records.size());
+  if (to_device) {
+    for (std::size_t i = 0; i < records.size(); ++i) {
+      if (records[i]->size > 0) device_bytes[i] = storages[i].view({-1}).view(at::kByte);
+    }
+  }
+  std::vector<std::uint32_t> chunk_crc(tasks.size(), 0);
+  ChunkTimes times;
+  parallel_for(tasks.size(), threads, [&](std::size_t k) {
+    const Task& t = tasks[k];
+    chunk_crc[k] = im.read_chunk(*records[t.storage], t.begin, t.length,
+                                 to_device ? nullptr : storages[t.storage].data_ptr(),
+                                 options.verify_checksums, device_bytes[t.storage],
+                                 to_device ? pool : nullptr, &times);
+  });
+  if (options.verify_checksums) {
+    for (std::size_t i = 0; i < records.size(); ++i) {
+      std::uint32_t crc = 0;
+      for (std::size_t k = first_task[i]; k < first_task[i + 1]; ++k) {
+        crc = k == first_task[i] ? chunk_crc[k]
+                                 : internal::crc32_join(crc, chunk_crc[k], tasks[k].length);
+      }
+      if (crc != records[i]->crc) {
+        im.crc_mismatch(*records[i], u.storages[i].key, storage_path[i], crc);
+      }
+    }
+  }
   if (stats != nullptr) {
     stats->read_seconds = since(t0);
     for (const auto* r : records) stats->tensor_bytes += r->size;
+    stats->profile["threads"] = static_cast<double>(std::min<std::size_t>(
+        tasks.size(), static_cast<std::size_t>(std::max(threads, 1))));
+    stats->profile["pread"] = times.pread_ns.load() * 1e-9;
+    stats->profile["crc32"] = times.crc_ns.load() * 1e-9;
+    if (to_device) {
+      stats->profile["h2d_copy"] = times.copy_ns.load() * 1e-9;
+      stats->profile["slot_wait"] = times.wait_ns.load() * 1e-9;
+    }
   }
 
   t0 = std::chrono::steady_clock::now();

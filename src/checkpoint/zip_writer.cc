@@ -308,8 +308,15 @@ WriteStats write_impl(const std::string& path, const Value& object, const WriteO
       internal::PipelineStats ps;
       const std::vector<std::uint32_t> crc =
           internal::write_records(file, writes, threads, pool_bytes, o_direct, &ps,
-                                  options.stage_host_tensors);
+                                  options.stage_host_tensors, defaults.early_writeback);
       stats.copy_seconds += ps.copy_seconds;
+      for (const auto& kv : ps.profile) {
+        if (kv.first == "threads") {
+          stats.profile[kv.first] = std::max(stats.profile[kv.first], kv.second);
+        } else {
+          stats.profile[kv.first] += kv.second;
+        }
+      }
       for (std::size_t j = 0; j < which.size(); ++j) layout.set_crc(storage_record[which[j]], crc[j]);
     };
     if (produce == nullptr) {
@@ -336,6 +343,7 @@ WriteStats write_impl(const std::string& path, const Value& object, const WriteO
     }
 
     // The index: offsets and CRCs are known now.
+    const auto t_small = std::chrono::steady_clock::now();
     Index index;
     index.info = options.info;
     for (const auto& leaf : pickled.tensors) {
@@ -375,6 +383,7 @@ WriteStats write_impl(const std::string& path, const Value& object, const WriteO
     const std::string cd = layout.central_directory();
     file.pwrite_all(cd.data(), cd.size(), layout.records_end());
     stats.bytes = layout.total_size();
+    stats.profile["small_records"] = since(t_small);
     stats.write_seconds = since(t1);
 
   };
@@ -385,6 +394,7 @@ WriteStats write_impl(const std::string& path, const Value& object, const WriteO
     internal::write_new(path, write_records, options.fsync);
   }
   stats.sync_seconds = std::max(0.0, since(t_write) - stats.write_seconds);
+  stats.profile["fsync"] = stats.sync_seconds;
   stats.seconds = since(t0);
   return stats;
 }

@@ -148,6 +148,35 @@ def slowest(seconds):
 
 
 PEAKS = {}
+PROFILES = {}  # operation -> rank 0's stats of its last run (phases and profile)
+
+
+def print_profiles():
+    """Rank 0's phases of the last run of each smp operation, and where the
+    time went inside them (the engine's profile: seconds of the calling
+    thread, or summed over the I/O threads where the key says so)."""
+    for name, st in PROFILES.items():
+        if not st:
+            continue
+        if "write_seconds" in st:
+            phases = ["serialize", "write", "fsync", "rendezvous", "commit"]
+        else:
+            phases = ["open", "read", "deserialize"]
+        text = ", ".join(f"{p} {st[p + '_seconds']:.3f} s" for p in phases)
+        print(f"# rank 0 phases, last {name}: {text}")
+        prof = st.get("profile") or {}
+        threads = int(prof.get("threads", 0))
+        summed = {"pwrite", "crc32", "writeback", "idle", "pread", "h2d_copy", "slot_wait"}
+        parts = []
+        for k, v in sorted(prof.items()):
+            if k == "threads":
+                continue
+            if k in summed and threads and (k != "slot_wait" or "write_seconds" not in st):
+                parts.append(f"{k} {v:.3f} thread-s")
+            else:
+                parts.append(f"{k} {v:.3f} s")
+        if parts:
+            print(f"#   profile ({threads} I/O threads): " + ", ".join(parts))
 
 
 def timed(fn, name=None):
@@ -294,6 +323,7 @@ def run():
         results["raw write"].append(timed(lambda: raw_write(raw_f, raw_buf, threads)))
         results["smp.save"].append(timed(lambda: smp.save(state, smp_f, partial=True, v3=True),
                                          "smp.save"))
+        PROFILES["smp.save"] = smp.checkpoint.last_save_stats
         handle = []
 
         def start_async():
@@ -309,6 +339,7 @@ def run():
         drop_cache(torch_f)
         results["raw read"].append(timed(lambda: raw_read(raw_f, raw_buf, threads)))
         results["smp.load"].append(timed(lambda: smp.load(smp_f, partial=True), "smp.load"))
+        PROFILES["smp.load"] = smp.checkpoint.last_load_stats
         results["torch.load"].append(
             timed(lambda: torch.load(torch_f, map_location="cpu", weights_only=True),
                   "torch.load"))
@@ -318,6 +349,7 @@ def run():
             results["smp.load cuda"].append(timed(
                 lambda: (smp.load(smp_f, partial=True, map_location="cuda"), sync(device)),
                 "smp.load cuda"))
+            PROFILES["smp.load cuda"] = smp.checkpoint.last_load_stats
             results["torch.load cuda"].append(timed(
                 lambda: (torch.load(torch_f, map_location="cuda", weights_only=True),
                          sync(device)), "torch.load cuda"))
@@ -370,13 +402,7 @@ def run():
               f"step with a save {a['max_step'] * 1e3:.1f} ms (stall of the call "
               f"{a['stall'] * 1e3:.1f} ms); wait for the last save at the end "
               f"{a['final_wait']:.3f} s")
-        s = smp.checkpoint.last_save_stats
-        l = smp.checkpoint.last_load_stats
-        print(f"# rank 0 phases, last smp.save: serialize {s['serialize_seconds']:.3f} s, write "
-              f"{s['write_seconds']:.3f} s, fsync {s['fsync_seconds']:.3f} s, rendezvous "
-              f"{s['rendezvous_seconds']:.3f} s, commit {s['commit_seconds']:.3f} s")
-        print(f"# rank 0 phases, last smp.load: open/verify {l['open_seconds']:.3f} s, read "
-              f"{l['read_seconds']:.3f} s, deserialize {l['deserialize_seconds']:.3f} s")
+        print_profiles()
     smp.barrier()
     if os.path.exists(raw_f):
         os.unlink(raw_f)

@@ -44,10 +44,14 @@ constexpr int kFormatVersion = 1;
 ///   SMP_CKPT_POOL_MB   host staging pool in MiB, pinned when CUDA is available
 ///                      (default 2 x threads x 16 MiB): bounds the host memory of a save
 ///   SMP_CKPT_O_DIRECT  1: write tensor data with O_DIRECT where the file system allows it
+///   SMP_CKPT_WRITEBACK 0: do not start each chunk's write-out to the disk as soon as it
+///                      is written (default 1: the disk works during the save, and the
+///                      final fsync waits for less)
 struct IoDefaults {
   int threads = 4;
   std::size_t pool_bytes = 0;
   bool o_direct = false;
+  bool early_writeback = true;
 };
 /// Throws ConfigError naming the variable when one is malformed.
 IoDefaults io_defaults();
@@ -96,6 +100,12 @@ struct WriteStats {
                               // the pipelined save: the time the copies themselves took)
   double write_seconds = 0;   // pwrite + CRC-32 of all records (copies overlapped)
   double sync_seconds = 0;    // fsync, rename, directory fsync
+  /// Where the time went, finer than the phases: "threads", and seconds
+  /// summed over the writer threads in "pwrite", "crc32", "writeback" (early
+  /// writeback requests) and "idle" (waiting for staged chunks); the calling
+  /// thread's "d2h_copy" and "slot_wait"; "small_records" (index, pickle,
+  /// headers) and "fsync" of the file.
+  std::map<std::string, double> profile;
 };
 
 /// Writes `object` to `path` atomically: the bytes go to `<path>.tmp-<pid>`,
@@ -178,6 +188,10 @@ struct ReadStats {
   double unpickle_seconds = 0;  // data.pkl through the restricted unpickler
   double read_seconds = 0;      // pread + CRC-32 of the records
   double build_seconds = 0;     // the Value tree and shard specs
+  /// Where read_seconds went: "threads", and seconds summed over the reading
+  /// threads in "pread", "crc32", "h2d_copy" (device destinations) and
+  /// "slot_wait" (waiting for a free staging slot).
+  std::map<std::string, double> profile;
 };
 
 /// Reads smp checkpoint files and files written by torch.save (zip format).

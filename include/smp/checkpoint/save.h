@@ -51,6 +51,10 @@ struct SaveStats {
   double fsync_seconds = 0;       ///< fsync of the file and its directory
   double rendezvous_seconds = 0;  ///< waiting for the other participants
   double commit_seconds = 0;      ///< manifest, renames, directory fsyncs
+  /// Where the time went, finer than the phases (WriteStats::profile, and
+  /// the commit's "commit_wait_written", "commit_manifest", "commit_rename",
+  /// "commit_cleanup", "commit_wait_renamed").
+  std::map<std::string, double> profile;
   double gbps() const { return seconds > 0 ? bytes / seconds / 1e9 : 0; }
 };
 
@@ -168,6 +172,8 @@ struct LoadStats {
   double open_seconds = 0;         ///< resolving the name, manifest, ZIP directory, index
   double read_seconds = 0;         ///< tensor records read and CRC-checked
   double deserialize_seconds = 0;  ///< unpickling data.pkl, building the object
+  /// Where read_seconds went (ReadStats::profile).
+  std::map<std::string, double> profile;
   double gbps() const { return seconds > 0 ? bytes / seconds / 1e9 : 0; }
 };
 
