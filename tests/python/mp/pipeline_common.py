@@ -58,7 +58,10 @@ class SavedActivationBytes:
             self.alive += entry[0]
             self.peak = max(self.peak, self.alive)
         entry[1] += 1
-        return self._Held(self, key, t)
+        # detached: a tensor that an operation saves of its own output would
+        # otherwise reference its graph node from inside it (a cycle that never
+        # frees, for a branch that no backward runs through)
+        return self._Held(self, key, t.detach())
 
     @staticmethod
     def unpack(held):
