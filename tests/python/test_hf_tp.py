@@ -168,8 +168,8 @@ def test_tp4_and_tp2_rdp2():
 
 @pytest.mark.mpi
 def test_tp2_pp2_training_and_checkpoints(tmp_path):
-    """tp 2 x pp 2 (module-level pipeline): GPT-2 and BERT training equal to
-    the plain model; partial checkpoint resume equal to uninterrupted training;
+    """tp 2 x pp 2 (module-level pipeline): GPT-2 (simple schedule) and BERT
+    (interleaved) training equal to the plain model; partial checkpoint resume equal to uninterrupted training;
     the full checkpoint is the Hugging Face model's state dict and resumes."""
-    _run(4, "train", "gpt2", 2, 2, "float32", "+", "train", "bert", 2, 2, "float32",
+    _run(4, "train", "gpt2", 2, 2, "float32", "simple", "+", "train", "bert", 2, 2, "float32",
          "+", "checkpoint", tmp_path)

@@ -3,9 +3,16 @@ on stages, and training under mpirun equal to plain PyTorch on the global
 batch (tests/python/mp/pipeline_modules.py): a toy model with data-dependent
 control flow and a child called twice, Hugging Face GPT-2 and BERT (skipped
 when transformers is not installed), pp 2 and 4, pp2 x rdp2, manual
-placement, a forced module-level chain, and errors."""
+placement, a forced module-level chain, errors, both schedules (interleaved
+and simple) and their activation memory.
+
+The CI runs a subset of the schedule x layout matrix; SMP_PIPELINE_FULL=1
+(marker pipeline_full) runs all of it: GPT-2 and BERT under pp 2, pp 4,
+pp2 x tp2 and pp2 x tp2 x rdp2 (tests/python/mp/hf_tp.py for the tp layouts),
+each with both schedules."""
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -112,8 +119,11 @@ def _train(np, *args, env=None):
 
 @pytest.mark.mpi
 def test_toy_control_flow_and_child_called_twice_pp2():
-    out = _train(2, "toy", 2)
+    """Both schedules, 4 microbatches: the step statistics show 4 live
+    microbatches per stage for simple, 1 for interleaved."""
+    out = _train(2, "toy", 2, 4, "both")
     assert "'twice': 1" in out, out      # the child called twice lives on stage 1
+    assert "case toy pp2 interleaved: passed" in out and "case toy pp2 simple: passed" in out
 
 
 @pytest.mark.mpi
@@ -133,9 +143,19 @@ def test_errors_on_a_stage_reach_every_stage():
 
 @needs_transformers
 @pytest.mark.mpi
-def test_gpt2_pp2():
-    out = _train(2, "gpt2", 2)
+def test_gpt2_pp2_both_schedules():
+    out = _train(2, "gpt2", 2, 2, "both")
     assert "'lm_head': 0" in out and "'transformer.h.3': 1" in out, out
+    assert "case gpt2 pp2 simple: passed" in out, out
+
+
+@needs_transformers
+@pytest.mark.mpi
+def test_gpt2_pp2_activation_memory_per_schedule():
+    """Peak saved-activation bytes of a step with 4 microbatches, on each
+    stage: simple holds 4 microbatches' worth, interleaved one."""
+    out = _train(2, "memory", "gpt2", 2)
+    assert out.count("4 microbatches: simple") == 2, out
 
 
 @needs_transformers
@@ -170,3 +190,50 @@ def test_bert_pp4():
     """Layers larger than a stage's share are split into their children."""
     out = _train(4, "bert", 4)
     assert "'bert.encoder.layer.0.attention': 1" in out, out
+
+
+# ---- the full schedule x layout matrix (SMP_PIPELINE_FULL=1) ---------------------
+
+_FULL = pytest.mark.skipif(os.environ.get("SMP_PIPELINE_FULL") != "1",
+                           reason="the full schedule x layout matrix runs with "
+                           "SMP_PIPELINE_FULL=1")
+
+
+@_FULL
+@pytest.mark.pipeline_full
+@needs_transformers
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+@pytest.mark.parametrize("pp", [2, 4])
+def test_full_pp(kind, pp):
+    out = _train(pp, kind, pp, 4, "both")
+    assert f"case {kind} pp{pp} simple: passed" in out, out
+
+
+@_FULL
+@pytest.mark.pipeline_full
+@needs_transformers
+@pytest.mark.mpi
+@pytest.mark.parametrize("rdp", [1, 2])
+@pytest.mark.timeout(700)
+def test_full_pp2_tp2(rdp):
+    """pp2 x tp2 (4 processes) and pp2 x tp2 x rdp2 (8): GPT-2 and BERT under
+    both schedules (tests/python/mp/hf_tp.py)."""
+    np = 4 * rdp
+    cases = []
+    for kind in ("gpt2", "bert"):
+        for schedule in ("interleaved", "simple"):
+            cases += ["+", "train", kind, 2, 2, "float32", schedule]
+    out = run_mpi(np, "hf_tp.py", *[str(a) for a in cases[1:]], timeout=600).stdout
+    assert ok_ranks(out, "hf_tp") == list(range(np)), out
+    assert out.count(": passed") == 4, out
+
+
+@_FULL
+@pytest.mark.pipeline_full
+@needs_transformers
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["toy", "bert"])
+def test_full_activation_memory(kind):
+    out = _train(2, "memory", kind, 2)
+    assert out.count("4 microbatches: simple") == 2, out

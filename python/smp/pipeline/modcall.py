@@ -21,17 +21,26 @@ its submodules, parameters and buffers live on s).
   default to the root's mark, else default_partition. A module on stage s > 0
   must have all its submodules on s.
 
-Execution (``run_step``, the "simple" schedule): stage 0 runs the step
-function for each microbatch in turn, then that microbatch's backward. A call
-of a module placed on stage s > 0 (``module(*args, **kwargs)``, any nested
-arguments: tensors, tuples, lists, dicts, ModelOutput mappings, dataclasses,
-None, Python scalars) sends the pickled arguments, with the tensors, to stage
-s, which runs the module and sends the outputs back; autograd connects them
-(``_RemoteCall``): backward through a remote call sends the output gradients
-to s, which back-propagates through its saved graph and returns the input
-gradients. Stages other than 0 serve calls until stage 0 ends the step; then
-the step's results are broadcast from stage 0 over PP_GROUP. Gradient
-averaging over RDP runs at the end of the step (GradReducer.finish).
+Execution (``run_step``): stage 0, the driver, runs the step function for
+each microbatch and each microbatch's backward in the order of smp config
+``pipeline``, taken from the C++ schedule builder seen as one stage
+(smp._C.pipeline.build_schedule(1, 0, microbatches, pipeline, ...)):
+"simple" runs every microbatch's forward, then every backward (smp v1's
+simple pipeline: the activations of all microbatches are alive at once, on
+every stage); "interleaved" (the default) runs each microbatch's backward
+right after its forward, so that at most one microbatch's activations are
+alive on any stage. A call of a module placed on stage s > 0
+(``module(*args, **kwargs)``, any nested arguments: tensors, tuples, lists,
+dicts, ModelOutput mappings, dataclasses, None, Python scalars) sends the
+pickled arguments, with the tensors, to stage s, which runs the module and
+sends the outputs back; autograd connects them (``_RemoteCall``): backward
+through a remote call sends the output gradients to s, which back-propagates
+through its saved graph and returns the input gradients. Remote calls are
+synchronous, so one stage computes at a time whichever the schedule: the
+schedules differ in activation memory, not in overlap (docs/pipeline.md).
+Stages other than 0 serve calls until stage 0 ends the step; then the step's
+results are broadcast from stage 0 over PP_GROUP. Gradient averaging over RDP
+runs at the end of the step (GradReducer.finish).
 
 Limitations: objects that a remote module mutates in place (a Hugging Face
 KV cache: build the model with use_cache=False for training) do not travel
@@ -495,6 +504,7 @@ class ModulePipeline:
         """Serves stage 0's calls until it ends the step; returns its end message."""
         saved = {}
         device = self.device()
+        self.max_live = 0   # most microbatches with saved calls at once (step statistics)
         while True:
             msg = _recv(0)
             op = msg["op"]
@@ -524,11 +534,13 @@ class ModulePipeline:
             out = module(*args, **kwargs)
         data, outs = _flatten(out)
         if msg["grad"]:
-            saved[msg["id"]] = (tensors, outs)
+            saved[msg["id"]] = (tensors, outs, msg["mb"])
+            live = {mb for _, _, mb in saved.values()}
+            self.max_live = max(self.max_live, len(live))
         _send({"op": "out", "out": data, "tensors": _wire(outs)}, 0)
 
     def _serve_backward(self, msg, saved, device):
-        inputs, outs = saved.pop(msg["id"])
+        inputs, outs, _ = saved.pop(msg["id"])
         pairs = [(o, g.to(device)) for o, g in zip(outs, msg["grads"])
                  if g is not None and o.requires_grad]
         if pairs:
@@ -540,16 +552,29 @@ class ModulePipeline:
 # ---- the step ----------------------------------------------------------------
 
 
+def schedule_actions(num_microbatches):
+    """The driver's (kind, microbatch) actions for smp config ``pipeline``:
+    the C++ schedule of a one-stage pipeline (see the module docstring)."""
+    cfg = _C.config()
+    return [(k, mb) for k, mb in _C.pipeline.build_schedule(
+        1, 0, num_microbatches, cfg["pipeline"], int(cfg["active_microbatches"]))
+        if k in ("Forward", "Backward")]
+
+
 def run_step(fn, model, pieces, prepare=None):
     """smp.step on the module-level pipeline (see module docstring)."""
     engine._call_hook(model, "_smp_begin_step")
     pipe = model._pipe
     n = len(pieces)
     stage = _C.pp_rank()
+    schedule = "module-" + str(_C.config()["pipeline"])
     engine._call_hook(model, "_smp_begin_microbatch_backward", False)
     if stage != 0:
-        engine._last_stats = {"max_live_microbatches": 1, "schedule": "module-simple"}
-        end = pipe.serve()
+        engine._last_stats = {"max_live_microbatches": 0, "schedule": schedule}
+        try:
+            end = pipe.serve()
+        finally:
+            engine._last_stats["max_live_microbatches"] = pipe.max_live
         if end.get("error"):
             raise _C.StateError(
                 f"module-level pipeline: the step failed on pipeline stage 0: {end['error']} "
@@ -563,29 +588,36 @@ def run_step(fn, model, pieces, prepare=None):
     ctx = engine.StepContext(model, n, 0, 1)  # the driver is "the last stage" for losses
     ctx.device = pipe.device()
     runner = Runner(pipe, n)
+    actions = schedule_actions(n)
     ran_backward = False
     error = None
     prev = engine._current
     engine._current = ctx
     pipe.runner = runner
+    live = set()
     try:
-        for mb in range(n):
-            ctx.microbatch = mb
-            runner.microbatch = mb
-            args, kwargs = pieces[mb]
-            ctx.results[mb] = fn(*args, **kwargs)
-            ctx.max_live = 1
-            engine._call_hook(model, "_smp_begin_microbatch_backward", False)
-            ran_backward |= engine._backward(ctx, mb)
-            ctx.microbatch = None
+        for kind, mb in actions:
+            if kind == "Forward":
+                ctx.microbatch = mb
+                runner.microbatch = mb
+                live.add(mb)
+                ctx.max_live = max(ctx.max_live, len(live))
+                args, kwargs = pieces[mb]
+                ctx.results[mb] = fn(*args, **kwargs)
+                ctx.microbatch = None
+            else:
+                runner.microbatch = mb
+                engine._call_hook(model, "_smp_begin_microbatch_backward", False)
+                ran_backward |= engine._backward(ctx, mb)
+                live.discard(mb)
     except BaseException as e:
         error = f"{type(e).__name__}: {e}"
         raise
     finally:
         pipe.runner = None
         engine._current = prev
-        engine._last_stats = {"max_live_microbatches": 1, "schedule": "module-simple",
-                              "remote_calls": runner.calls}
+        engine._last_stats = {"max_live_microbatches": ctx.max_live, "schedule": schedule,
+                              "actions": actions, "remote_calls": runner.calls}
         for s in range(1, _C.pp_size()):
             _send({"op": "end", "backward": ran_backward and error is None, "error": error}, s)
     if ran_backward:

@@ -4,7 +4,8 @@ and gathered parameters, atol 1e-5 in float32, 1e-10 in float64), the gathered
 state dict loadable by the plain model (strict), Hugging Face state dicts and
 save_pretrained output round-tripping, and checkpoints.
 
-    mpirun -np N python3 hf_tp.py train MODEL TP PP DTYPE     # N = TP x PP x rdp
+    mpirun -np N python3 hf_tp.py train MODEL TP PP DTYPE [SCHEDULE]
+                                         # N = TP x PP x rdp; SCHEDULE interleaved|simple
     mpirun -np 2 python3 hf_tp.py roundtrip DIR              # tp 2, GPT-2 and BERT
     mpirun -np 4 python3 hf_tp.py checkpoint DIR             # tp 2 x pp 2, GPT-2
     mpirun -np 4 python3 hf_tp.py train gpt2 4 1 float32 + train bert 2 1 float32
@@ -94,11 +95,11 @@ def check_replaced(model, kind):
     assert [f.kind for f in fns if hasattr(f, "kind")] == [want_kind], fns
 
 
-def train(kind, tp, pp, dtype_name):
+def train(kind, tp, pp, dtype_name, schedule="interleaved"):
     dtype = {"float32": torch.float32, "float64": torch.float64}[dtype_name]
     atol = 1e-5 if dtype == torch.float32 else 1e-10
     smp.init({"tensor_parallel_degree": tp, "pipeline_parallel_degree": pp,
-              "microbatches": 2, "ddp": True})
+              "microbatches": 2, "ddp": True, "pipeline": schedule})
     plain = build(kind, dtype)
     model = smp.DistributedModel(build_tp(kind, dtype))
     check_replaced(model, kind)
@@ -261,7 +262,7 @@ def main():
     for case in cases:
         mode = case[0]
         if mode == "train":
-            train(case[1], int(case[2]), int(case[3]), case[4])
+            train(case[1], int(case[2]), int(case[3]), case[4], *case[5:])
         elif mode == "roundtrip":
             roundtrip(case[1])
         elif mode == "checkpoint":

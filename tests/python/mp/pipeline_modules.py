@@ -1,9 +1,19 @@
 """Module-level pipeline (smp.pipeline.modcall) against plain PyTorch on the
 global batch: per-step losses and the gathered parameters equal (atol 1e-5).
 
-    mpirun -np N python3 pipeline_modules.py MODEL PP [MICROBATCHES]
+    mpirun -np N python3 pipeline_modules.py MODEL PP [MICROBATCHES [SCHEDULE]]
     mpirun -np 2 python3 pipeline_modules.py checkpoint DIR    # save/load flow
     mpirun -np 2 python3 pipeline_modules.py errors 2
+    mpirun -np PP python3 pipeline_modules.py memory MODEL PP  # activation bytes
+
+SCHEDULE: interleaved (default), simple (smp config ``pipeline``) or both
+(one after the other in one launch); the
+step statistics must show at most one live microbatch per stage for
+interleaved and all of them for simple. memory: the peak bytes of saved
+activations (pipeline_common.SavedActivationBytes) of one training step with
+4 microbatches under each schedule against one microbatch of the same size:
+simple holds all 4 microbatches' on every stage (more than 3 times one
+microbatch's peak), interleaved one (equal to one microbatch's peak).
 
 MODEL: toy (data-dependent control flow, a child called twice, keyword
 inputs, a dict output), gpt2 (GPT2LMHeadModel, tied embeddings, labels),
@@ -14,6 +24,7 @@ Prints "pipeline_modules OK <rank>" on success.
 """
 
 import copy
+import os
 import sys
 
 import torch
@@ -21,6 +32,7 @@ import torch.nn.functional as F
 
 import smp
 import smp.comm
+from pipeline_common import SavedActivationBytes
 
 STEPS = 3
 LR = 0.1
@@ -158,7 +170,6 @@ def checkpoint_flow(directory):
     DistributedOptimizer state), resume in a differently initialised model
     equal to uninterrupted training, a full state dict loadable by the plain
     Hugging Face model (strict) with the same loss."""
-    import os
 
     def setup(seed):
         smp.init({"pipeline_parallel_degree": 2, "microbatches": 2, "ddp": True})
@@ -222,14 +233,68 @@ def checkpoint_flow(directory):
     smp.shutdown()
 
 
+def activation_bytes(kind, pp, microbatches, schedule, rows):
+    """Peak saved-activation bytes of one training step on this rank."""
+    smp.init({"pipeline_parallel_degree": pp, "microbatches": microbatches,
+              "pipeline": schedule})
+    try:
+        model = smp.DistributedModel(build(kind))
+
+        @smp.step
+        def train_step(model, inputs):
+            out = model(**inputs)
+            model.backward(loss_of(out))
+            return loss_of(out)
+
+        full = {k: v[:rows] for k, v in batch(kind, 0).items()}
+        train_step(model, full)       # the first step partitions
+        net = model.get_module()     # parameters and buffers are not activations
+        peak = SavedActivationBytes(list(net.parameters()) + list(net.buffers())).measure(
+            train_step, model, full)
+        stats = smp.pipeline.last_step_stats()
+        assert stats["schedule"] == f"module-{schedule}", stats
+        return peak, smp.pp_rank()
+    finally:
+        smp.shutdown()
+
+
+def memory(kind, pp):
+    one, stage = activation_bytes(kind, pp, 1, "simple", 2)
+    assert one > 0, one
+    simple, _ = activation_bytes(kind, pp, 4, "simple", 8)
+    inter, _ = activation_bytes(kind, pp, 4, "interleaved", 8)
+    print(f"activation bytes {kind} pp{pp} stage {stage}: one microbatch {one}, "
+          f"4 microbatches: simple {simple}, interleaved {inter}", flush=True)
+    # simple keeps all 4 microbatches' activations at once: more than 3
+    # microbatches' worth (exactly 4x for GPT-2 and BERT; the toy model also
+    # saves tensors for an unused output, freed right after each call, which
+    # count in one microbatch's peak once)
+    assert 3 * one < simple <= 4 * one, (simple, one)
+    assert inter == one, (inter, one)
+
+
 def main():
     if sys.argv[1] == "checkpoint":
         return checkpoint_flow(sys.argv[2])
+    if sys.argv[1] == "memory":
+        memory(sys.argv[2], int(sys.argv[3]))
+        print(f"pipeline_modules OK {os.environ.get('OMPI_COMM_WORLD_RANK', '0')}", flush=True)
+        return
     kind, pp = sys.argv[1], int(sys.argv[2])
     mbs = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    schedule = sys.argv[4] if len(sys.argv) > 4 else "interleaved"
     if kind == "errors":
         return errors()
-    cfg = {"pipeline_parallel_degree": pp, "microbatches": mbs, "ddp": True}
+    for name in (("interleaved", "simple") if schedule == "both" else (schedule,)):
+        train(kind, pp, mbs, name)
+        if int(os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == 0:
+            print(f"case {kind} pp{pp} {name}: passed", flush=True)
+    print(f"pipeline_modules OK {os.environ.get('OMPI_COMM_WORLD_RANK', '0')}", flush=True)
+
+
+def train(kind, pp, mbs, schedule):
+    cfg = {"pipeline_parallel_degree": pp, "microbatches": mbs, "ddp": True,
+           "pipeline": schedule}
     if kind == "manual":
         cfg.update(auto_partition=False, default_partition=0)
     smp.init(cfg)
@@ -276,8 +341,12 @@ def main():
         got = float(t) / rdp
         assert abs(got - float(ref.detach())) < ATOL, (step, got, float(ref))
 
-    assert smp.pipeline.last_step_stats()["schedule"] == "module-simple", \
-        smp.pipeline.last_step_stats()
+    stats = smp.pipeline.last_step_stats()
+    assert stats["schedule"] == f"module-{schedule}", stats
+    # live microbatches (forward done, backward not yet) on this stage
+    if pp > 1:
+        want = mbs if schedule == "simple" else 1
+        assert stats["max_live_microbatches"] == want, (schedule, stats)
 
     # evaluation in a step: no_grad, no model.backward
     @smp.step
@@ -304,7 +373,6 @@ def main():
     if pp > 1:
         assert len(local) < len(list(model.get_module().named_parameters())), local
     print(f"stages {model._pipe.stage_assignment()}", flush=True) if smp.rank() == 0 else None
-    print(f"pipeline_modules OK {smp.rank()}", flush=True)
     smp.shutdown()
 
 
