@@ -335,7 +335,14 @@ void shutdown_rendezvous(State& s) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   auto sleep = std::chrono::milliseconds(1);
   while (true) {
-    const std::int64_t arrived = store.add(count_key, 0);
+    std::int64_t arrived = 0;
+    try {
+      arrived = store.add(count_key, 0);
+    } catch (const std::exception&) {
+      // Rank 0 serves the store and closes it only after every rank arrived
+      // (or one reported a failure): the others have left.
+      return;
+    }
     if (arrived >= s.size) return;
     if (store.check({failed_key})) {
       SMP_LOG(kInfo, "smp.shutdown(): a rank reported a failed collective; not waiting for the ",

@@ -236,7 +236,17 @@ struct SaveSession::Impl {
   }
 
   void remove_tmp() {
-    if (!tmp.empty()) ::unlink(tmp.c_str());
+    if (tmp.empty()) return;
+    // A manifest naming this save on disk has committed it (the lowest may have
+    // died after writing it, taking the store down): readers roll forward from
+    // this temporary, so it must stay.
+    if (options.partial) {
+      try {
+        if (auto m = read_manifest(manifest_file_name(f)); m && m->save_id == save_id) return;
+      } catch (const std::exception&) {
+      }
+    }
+    ::unlink(tmp.c_str());
   }
 
   /// Removes "<path>.tmp-*" left by earlier interrupted saves of this part.

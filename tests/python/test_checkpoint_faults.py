@@ -218,8 +218,9 @@ if smp.rank() == 0:
         raise AssertionError("the lone allgather completed")
     except smp.CommError as e:
         print("caught on rank 0: " + type(e).__name__, flush=True)
+r = smp.rank()
 smp.shutdown()
-print(f"shutdown returned {smp.rank()}", flush=True)
+print(f"shutdown returned {r}", flush=True)
 """
 
 
