@@ -17,8 +17,8 @@ namespace ckpt {
 namespace internal {
 
 /// Fault injection for tests (docs/file_format.md §12): SMP_FAULT_POINT=
-/// "<point>:<n>[:<action>][@<path substring>]" makes the n-th hit (1-based,
-/// counted per process, only on paths containing the substring) of the named
+/// "<point>:<n>[:<action>][@<name substring>]" makes the n-th hit (1-based,
+/// counted per process, only on files whose base name holds the substring) of the named
 /// point act: "kill" (default: raise(SIGKILL)), "exit" (_exit(86)), "enospc" or
 /// "eio" (the wrapped call fails with that errno). Points: "create", "write",
 /// "write.after" (around each pwrite), "fsync", "fsync.after", "rename",
