@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <chrono>
 #include <climits>
 #include <cstdlib>
 #include <map>
@@ -12,6 +14,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -308,6 +311,60 @@ void init(const ConfigMap& user) {
   g_state = std::move(s);
 }
 
+namespace {
+
+/// Set when a communication error reached the caller (python/src/errors.cc
+/// translates it): the groups may be unusable, so shutdown must not wait on them.
+std::atomic<bool> g_comm_failed{false};
+
+/// shutdown's final barrier, through the store rather than a group: every
+/// member counts itself in and waits for all, unless one of them reports a
+/// failed collective (then nobody waits: its groups may never complete a
+/// barrier again, which cost a second full SMP_COMM_TIMEOUT).
+void shutdown_rendezvous(State& s) {
+  if (s.size <= 1 || !s.store) return;
+  c10d::Store& store = *s.store;
+  const std::string count_key = s.key_prefix + "shutdown/count";
+  const std::string failed_key = s.key_prefix + "shutdown/failed";
+  if (g_comm_failed.exchange(false)) {
+    const std::string who = std::to_string(s.rank);
+    store.set(failed_key, std::vector<std::uint8_t>(who.begin(), who.end()));
+  }
+  store.add(count_key, 1);
+  const auto timeout = default_comm_timeout();
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  auto sleep = std::chrono::milliseconds(1);
+  while (true) {
+    std::int64_t arrived = 0;
+    try {
+      arrived = store.add(count_key, 0);
+    } catch (const std::exception&) {
+      // Rank 0 serves the store and closes it only after every rank arrived
+      // (or one reported a failure): the others have left.
+      return;
+    }
+    if (arrived >= s.size) return;
+    if (store.check({failed_key})) {
+      SMP_LOG(kInfo, "smp.shutdown(): a rank reported a failed collective; not waiting for the ",
+              s.size - arrived, " rank(s) that have not reached shutdown");
+      return;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) {
+      SMP_THROW(TimeoutError, "smp.shutdown(): ", s.size - arrived, " of ", s.size,
+                " ranks did not reach shutdown within ", timeout.count() / 1000.0,
+                " s (SMP_COMM_TIMEOUT)");
+    }
+    std::this_thread::sleep_for(sleep);
+    sleep = std::min(sleep * 2, std::chrono::milliseconds(20));
+  }
+}
+
+}  // namespace
+
+namespace detail {
+void note_comm_failure() { g_comm_failed = true; }
+}  // namespace detail
+
 void shutdown() {
   // An asynchronous checkpoint save in flight still needs the store.
   try {
@@ -321,7 +378,7 @@ void shutdown() {
   // Collective: no member tears down (and rank 0 closes the store) while
   // another still uses the groups.
   try {
-    s->comms[0]->barrier();
+    shutdown_rendezvous(*s);
   } catch (const std::exception& e) {
     SMP_LOG(kWarning, "smp.shutdown(): the final barrier failed, tearing down anyway: ",
             e.what());

@@ -12,6 +12,7 @@
 
 #include "bindings.h"
 #include "checkpoint/io.h"
+#include "checkpoint/lock.h"
 #include "smp/checkpoint/format.h"
 #include "smp/checkpoint/save.h"
 #include "smp/core/error.h"
@@ -375,6 +376,31 @@ background thread, then calls `then` (with the GIL). Returns an AsyncSave, or
       },
       py::arg("path"), py::arg("text"),
       "Writes `text` to `path` atomically (temporary, fsync, rename, directory fsync).");
+
+  // save_checkpoint's staging folder (src/checkpoint/io.cc, lock.cc).
+  m.def(
+      "ckpt_replace_directory",
+      [](const std::string& staging, const std::string& dir, const std::string& old) {
+        py::gil_scoped_release release;
+        return ckpt::internal::replace_directory(staging, dir, old);
+      },
+      py::arg("staging"), py::arg("dir"), py::arg("old"),
+      "Puts `staging` under the name `dir` atomically (exchange); returns the folder holding "
+      "the previous contents, or ''.");
+  py::class_<ckpt::internal::SaveLock>(m, "SaveLock", "The flock of src/checkpoint/lock.cc.")
+      .def(py::init<>())
+      .def(
+          "acquire",
+          [](ckpt::internal::SaveLock& l, const std::string& path, double timeout_s,
+             const std::string& what) {
+            py::gil_scoped_release release;
+            l.acquire(path, timeout_s, what);
+          },
+          py::arg("path"), py::arg("timeout_s"), py::arg("what"))
+      .def("release", &ckpt::internal::SaveLock::release)
+      .def_property_readonly("held", &ckpt::internal::SaveLock::held);
+  m.def("ckpt_lock_is_held", &ckpt::internal::lock_is_held, py::arg("path"),
+        "True when a live process holds the flock on `path`.");
 }
 
 }  // namespace smp::python

@@ -18,6 +18,11 @@
 
 namespace py = pybind11;
 
+namespace smp::detail {
+/// src/runtime.cc: a communication error reached Python (see smp::shutdown).
+void note_comm_failure();
+}  // namespace smp::detail
+
 namespace smp::python {
 namespace {
 
@@ -102,8 +107,10 @@ void bind_errors(py::module_& m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const smp::TimeoutError& e) {
+      smp::detail::note_comm_failure();  // smp.shutdown then does not wait on the groups
       set_error(g_timeout_error, e.what());
     } catch (const smp::CommError& e) {
+      smp::detail::note_comm_failure();
       set_error(g_comm_error, e.what());
     } catch (const smp::ConfigError& e) {
       set_error(g_config_error, e.what());

@@ -13,6 +13,7 @@
 #include <map>
 #include <mutex>
 #include <thread>
+#include <typeinfo>
 
 #include "checkpoint/commit.h"
 #include "checkpoint/io.h"
@@ -235,7 +236,17 @@ struct SaveSession::Impl {
   }
 
   void remove_tmp() {
-    if (!tmp.empty()) ::unlink(tmp.c_str());
+    if (tmp.empty()) return;
+    // A manifest naming this save on disk has committed it (the lowest may have
+    // died after writing it, taking the store down): readers roll forward from
+    // this temporary, so it must stay.
+    if (options.partial) {
+      try {
+        if (auto m = read_manifest(manifest_file_name(f)); m && m->save_id == save_id) return;
+      } catch (const std::exception&) {
+      }
+    }
+    ::unlink(tmp.c_str());
   }
 
   /// Removes "<path>.tmp-*" left by earlier interrupted saves of this part.
@@ -514,10 +525,12 @@ SaveStats SaveSession::commit(const WriteStats& written, bool smp_index) {
     try {
       write_manifest(manifest_path, m);
     } catch (const std::exception& e) {
-      im.abort_all(detail::str("the manifest '", manifest_path, "' could not be written: ",
-                               e.what()));
+      const std::string why = detail::str(describe_rank(im.me), " could not write the manifest '",
+                                          manifest_path, "': ", e.what(),
+                                          "; the previous checkpoint under this name is unchanged");
+      im.abort_all(why);
       im.finished = true;
-      throw;
+      SMP_THROW(CheckpointError, "smp.save of '", im.f, "' failed: ", why);
     }
     im.set("commit", "1");
     lap("commit_manifest", tp);
@@ -559,8 +572,19 @@ SaveStats SaveSession::commit(const WriteStats& written, bool smp_index) {
     } catch (const std::exception&) {
     }
     const std::string stem = base_name(im.f);
+    const std::string manifest_tmp = base_name(manifest_path) + ".tmp-";
     for (const auto& p : files_with_prefix(im.f, 1u << 20)) {
       const std::string name = base_name(p);
+      // Temporaries of interrupted saves (we hold the lock: no other save of
+      // this name is alive): parts of other save ids, manifests being written.
+      const std::size_t t = name.find(".tmp-");
+      if (t != std::string::npos) {
+        if (name.compare(0, manifest_tmp.size(), manifest_tmp) == 0 ||
+            (is_part_name(name.substr(0, t), stem) && name.substr(t + 5) != im.save_id)) {
+          ::unlink(p.c_str());
+        }
+        continue;
+      }
       if (!is_part_name(name, stem)) continue;
       const bool listed = std::any_of(current.files.begin(), current.files.end(),
                                       [&](const ManifestFile& e) { return e.name == name; });
@@ -608,8 +632,15 @@ SaveStats internal::save_now(const Value& object, const std::string& f,
   try {
     written = write_file(session.temporary_path(), object, session.write_options());
   } catch (const std::exception& e) {
-    session.abort(detail::str("rank ", is_initialized() ? rank() : 0, " could not write '",
-                              session.temporary_path(), "': ", e.what()));
+    const int me = is_initialized() ? rank() : 0;
+    session.abort(detail::str("rank ", me, " could not write '", session.temporary_path(),
+                              "': ", e.what()));
+    // A system call's error (the file, the call, strerror): say which rank, as
+    // the other participants' errors do.
+    if (typeid(e) == typeid(CheckpointError)) {
+      SMP_THROW(CheckpointError, "smp.save of '", f, "' failed on rank ", me, ": ", e.what(),
+                "; the previous checkpoint under this name is unchanged");
+    }
     throw;
   }
   SaveStats st = session.commit(written);

@@ -5,7 +5,10 @@
 #include "checkpoint/io.h"
 
 #include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +16,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -37,11 +41,69 @@ std::string hint_for(int err) {
     case EDQUOT: return "free some space on the file system or write elsewhere";
     case EROFS: return "the file system is read-only; write elsewhere";
     case EISDIR: return "the path is a directory; give a file name";
+    case EIO: return "the device reported an I/O error; check the disk (dmesg) or write elsewhere";
     default: return {};
   }
 }
 
+// ---- fault injection (SMP_FAULT_POINT; tests only) ---------------------------------
+
+struct FaultSpec {
+  bool active = false;
+  std::string point;
+  long n = 0;
+  int err = 0;      // errno to inject; 0: kill the process
+  bool exit = false;
+  std::string filter;
+  std::atomic<long> hits{0};
+};
+
+FaultSpec* parse_fault_spec() {
+  const char* env = std::getenv("SMP_FAULT_POINT");
+  if (env == nullptr || *env == '\0') return nullptr;
+  auto* s = new FaultSpec();  // lives for the process
+  std::string text = env;
+  const std::size_t at = text.find('@');
+  if (at != std::string::npos) {
+    s->filter = text.substr(at + 1);
+    text.resize(at);
+  }
+  const std::size_t c1 = text.find(':');
+  const std::size_t c2 = c1 == std::string::npos ? c1 : text.find(':', c1 + 1);
+  s->point = text.substr(0, c1);
+  if (c1 != std::string::npos) s->n = std::strtol(text.c_str() + c1 + 1, nullptr, 10);
+  const std::string action = c2 == std::string::npos ? "kill" : text.substr(c2 + 1);
+  if (action == "enospc") s->err = ENOSPC;
+  else if (action == "eio") s->err = EIO;
+  else if (action == "exit") s->exit = true;
+  else if (action != "kill") {
+    std::fprintf(stderr, "smp: SMP_FAULT_POINT='%s': unknown action '%s' (kill, exit, enospc, "
+                 "eio); ignored\n", env, action.c_str());
+    delete s;
+    return nullptr;
+  }
+  s->active = !s->point.empty() && s->n > 0;
+  return s;
+}
+
+FaultSpec* const g_fault = parse_fault_spec();
+
 }  // namespace
+
+int fault_point(const char* point, const std::string& path) {
+  if (g_fault == nullptr) return 0;  // the one branch outside tests
+  FaultSpec& s = *g_fault;
+  if (!s.active || s.point != point) return 0;
+  if (!s.filter.empty() && base_name(path).find(s.filter) == std::string::npos) return 0;
+  if (s.hits.fetch_add(1) + 1 != s.n) return 0;
+  if (s.err != 0) return s.err;
+  std::fprintf(stderr, "smp: SMP_FAULT_POINT %s:%ld hit at '%s' (pid %d): killing the process\n",
+               point, s.n, path.c_str(), static_cast<int>(::getpid()));
+  std::fflush(stderr);
+  if (s.exit) ::_exit(86);
+  ::raise(SIGKILL);
+  ::_exit(137);
+}
 
 void throw_syscall(const std::string& path, const char* call, int err, const std::string& hint) {
   std::string h = hint.empty() ? hint_for(err) : hint;
@@ -83,6 +145,7 @@ File File::open_read(const std::string& path) {
 File File::create(const std::string& path) {
   File f;
   f.path_ = path;
+  if (const int err = fault_point("create", path)) throw_syscall(path, "open", err);
   f.fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (f.fd_ < 0) throw_syscall(path, "open", errno);
   return f;
@@ -124,6 +187,7 @@ void File::pread_exact(void* dst, std::size_t n, std::uint64_t offset) const {
 
 void File::pwrite_all(const void* src, std::size_t n, std::uint64_t offset) const {
   const auto* p = static_cast<const char*>(src);
+  if (const int err = fault_point("write", path_)) throw_syscall(path_, "pwrite", err);
   std::size_t done = 0;
   while (done < n) {
     const std::size_t chunk = std::min<std::size_t>(n - done, std::size_t{1} << 30);
@@ -134,6 +198,7 @@ void File::pwrite_all(const void* src, std::size_t n, std::uint64_t offset) cons
     }
     done += static_cast<std::size_t>(r);
   }
+  fault_point("write.after", path_);
 }
 
 void File::truncate(std::uint64_t size) const {
@@ -153,7 +218,9 @@ void File::start_writeback(std::uint64_t offset, std::size_t n) const {
 }
 
 void File::sync() const {
+  if (const int err = fault_point("fsync", path_)) throw_syscall(path_, "fsync", err);
   if (::fsync(fd_) != 0) throw_syscall(path_, "fsync", errno);
+  fault_point("fsync.after", path_);
 }
 
 void File::close() {
@@ -164,6 +231,7 @@ void File::close() {
 }
 
 void sync_directory(const std::string& dir) {
+  if (const int err = fault_point("dirsync", dir)) throw_syscall(dir, "fsync (directory)", err);
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) throw_syscall(dir, "open (directory)", errno);
   const int rc = ::fsync(fd);
@@ -196,14 +264,55 @@ std::string join_dir(const std::string& dir, const std::string& name) {
 
 void move_into_place(const std::string& tmp, const std::string& path, bool fsync,
                      const std::string& hint) {
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    throw_syscall(path, "rename", errno,
+  const int injected = fault_point("rename", path);
+  if (injected != 0 || ::rename(tmp.c_str(), path.c_str()) != 0) {
+    throw_syscall(path, "rename", injected != 0 ? injected : errno,
                   hint.empty() ? "the new file was written to '" + tmp +
                                      "' but could not be moved into place; check the "
                                      "directory's permissions"
                                : hint);
   }
+  fault_point("rename.after", path);
   if (fsync) sync_directory(parent_dir(path));
+}
+
+std::string replace_directory(const std::string& staging, const std::string& dir,
+                              const std::string& old) {
+  struct stat st {};
+  const bool exists = ::stat(dir.c_str(), &st) == 0;
+  int err = fault_point("exchange", dir);
+  if (err == 0 && !exists) {
+    if (::rename(staging.c_str(), dir.c_str()) != 0) err = errno;
+  } else if (err == 0) {
+#if defined(SYS_renameat2)
+    constexpr unsigned kExchange = 2;  // RENAME_EXCHANGE
+    if (::syscall(SYS_renameat2, AT_FDCWD, staging.c_str(), AT_FDCWD, dir.c_str(), kExchange) !=
+        0) {
+      err = errno;
+    }
+#else
+    err = ENOSYS;
+#endif
+    if (err == EINVAL || err == ENOSYS || err == ENOTSUP) {  // no exchange here: two renames
+      err = 0;
+      if (::rename(dir.c_str(), old.c_str()) != 0) throw_syscall(dir, "rename", errno);
+      fault_point("exchange.between", old);
+      if (::rename(staging.c_str(), dir.c_str()) != 0) err = errno;
+      if (err == 0) {
+        fault_point("exchange.after", dir);
+        sync_directory(parent_dir(dir));
+        return old;
+      }
+    }
+  }
+  if (err != 0) {
+    throw_syscall(dir, "rename", err, "the new checkpoint was written to '" + staging +
+                                          "' but could not be moved into place; check the "
+                                          "directory's permissions");
+  }
+  fault_point("exchange.after", dir);
+  sync_directory(parent_dir(dir));
+  return exists ? staging : std::string();
 }
 
 void write_new(const std::string& path, const std::function<void(File&)>& write, bool fsync) {

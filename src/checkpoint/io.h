@@ -16,6 +16,17 @@ namespace smp {
 namespace ckpt {
 namespace internal {
 
+/// Fault injection for tests (docs/file_format.md §12): SMP_FAULT_POINT=
+/// "<point>:<n>[:<action>][@<name substring>]" makes the n-th hit (1-based,
+/// counted per process, only on files whose base name holds the substring) of the named
+/// point act: "kill" (default: raise(SIGKILL)), "exit" (_exit(86)), "enospc" or
+/// "eio" (the wrapped call fails with that errno). Points: "create", "write",
+/// "write.after" (around each pwrite), "fsync", "fsync.after", "rename",
+/// "rename.after", "dirsync", "exchange", "exchange.after" (replace_directory).
+/// Parsed once at load; unset, a hit is one branch.
+/// Returns the errno to inject (0: none).
+int fault_point(const char* point, const std::string& path);
+
 /// Throws CheckpointError "<what> '<path>': <call>: <strerror(errno)>" with a hint.
 [[noreturn]] void throw_syscall(const std::string& path, const char* call, int err,
                                 const std::string& hint = {});
@@ -84,6 +95,16 @@ std::string join_dir(const std::string& dir, const std::string& name);
 /// the rename is durable. `hint` replaces the default advice of the error.
 void move_into_place(const std::string& tmp, const std::string& path, bool fsync,
                      const std::string& hint = {});
+
+/// Puts the directory `staging` under the name `dir` in one step: a rename
+/// when `dir` does not exist, else an atomic exchange (renameat2
+/// RENAME_EXCHANGE), so that `dir` always names a complete directory; where
+/// the file system has no exchange, `dir` is first renamed to `old` (a window
+/// in which `dir` is missing). The parent is fsynced. Returns the directory
+/// now holding the previous contents ("" when there were none) for the caller
+/// to remove.
+std::string replace_directory(const std::string& staging, const std::string& dir,
+                              const std::string& old);
 
 /// Writes `path` atomically: `write` fills "<path>.tmp-<pid>", which is
 /// fsynced (with `fsync`), closed and moved into place. On any error the

@@ -3,9 +3,12 @@
 // rendering of load stats.
 #include "smp/checkpoint/save.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <thread>
 
 #include "checkpoint/commit.h"
 #include "checkpoint/io.h"
@@ -51,7 +54,18 @@ struct Resolved {
   std::string path;
   std::optional<Reader> reader;
   std::string save_id;
+  std::uint64_t bytes = 0;  // the file's size, taken when it was opened
 };
+
+// Size of `p`, or of `alt` when `p` is gone (a temporary renamed to `alt`
+// since it was opened: the same file).
+std::uint64_t size_of(const std::string& p, const std::string& alt) {
+  struct stat st {};
+  if (::stat(p.c_str(), &st) == 0 || ::stat(alt.c_str(), &st) == 0) {
+    return static_cast<std::uint64_t>(st.st_size);
+  }
+  return internal::File::open_read(p).size();  // throws, naming the file
+}
 
 [[noreturn]] void throw_missing_part(const std::string& f, const std::string& expected,
                                      const std::string& context) {
@@ -97,6 +111,77 @@ bool layout_differs(const Manifest& m) {
          (m.v3 && m.rdp_size != rdp_size());
 }
 
+// This rank's part of the checkpoint that the manifest `m` commits.
+Resolved resolve_committed(const std::string& f, const Manifest& m,
+                           const std::string& manifest_path, int pp, int tp, int rdp) {
+  Resolved out;
+  SMP_CHECK(!m.by_name, CheckpointError, "checkpoint '", f, "' was rewritten offline by "
+            "smp-checkpoint reshard (manifest '", manifest_path, "'): its parts hold tensors by "
+            "name, not each rank's state; smp::ckpt::load reads a job's own parts only. Load "
+            "it from Python with smp.load(f, partial=True), which reads it by name");
+  SMP_CHECK(!layout_differs(m),
+            CheckpointError, "checkpoint '", f, "' was saved with pipeline_parallel_degree ",
+            m.pp_size, ", tensor_parallel_degree ", m.tp_size,
+            m.v3 ? detail::str(" and rdp_size ", m.rdp_size, " (sharded optimizer state)")
+                 : std::string(),
+            " (manifest '", manifest_path, "') but this job has ", pp_size(), ", ", tp_size(),
+            m.v3 ? detail::str(" and rdp_size ", rdp_size()) : std::string(),
+            "; smp::ckpt::load reads a partial checkpoint only on the layout it was saved "
+            "with. Load it from Python with smp.load(f, partial=True), which reshards it "
+            "(docs/api.md, \"Resharding\"), or with the saved degrees");
+  const ManifestFile* entry = m.find(pp, tp, rdp);
+  SMP_CHECK(entry != nullptr, CorruptCheckpointError, "checkpoint manifest '", manifest_path,
+            "' lists no part for pp_rank ", pp, ", tp_rank ", tp, ", rdp_rank ", rdp,
+            " although its layout matches this job; restore it from a good copy or save again");
+  const std::string dir = parent_dir(manifest_path);
+  check_complete(m, manifest_path);
+  const std::string path = join_dir(dir, entry->name);
+  const std::string rolled = temporary_file_name(path, m.save_id);
+  out.save_id = m.save_id;
+  // Part identity: the ranks the part's own index records must be this rank's
+  // (which the manifest entry, found by them, names too).
+  auto use = [&](const std::string& p, Reader reader) -> Resolved {
+    if (reader.has_index()) {
+      check_part_identity(reader.index(), p, pp, tp, entry->rdp_rank ? rdp : -1,
+                          detail::str("the manifest '", manifest_path, "' (entry '",
+                                      entry->name, "') and this rank (",
+                                      describe_rank(rank()), ")"));
+    }
+    out.path = p;
+    out.bytes = size_of(p, path);
+    out.reader.emplace(std::move(reader));
+    return std::move(out);
+  };
+  if (!file_exists(path)) {
+    if (file_exists(rolled)) return use(rolled, Reader(rolled));
+    throw_missing_part(f, path, detail::str(" (listed in manifest '", manifest_path,
+                                            "', save id ", m.save_id, ")"));
+  }
+  Reader reader(path);
+  std::string file_id;
+  if (reader.has_index()) {
+    auto it = reader.index().info.find("save_id");
+    if (it != reader.index().info.end()) file_id = it->second;
+  }
+  const bool matches = entry->smp_index
+                           ? file_id == m.save_id
+                           : (!reader.has_index() && [&] {
+                               return internal::File::open_read(path).size() == entry->bytes;
+                             }());
+  if (!matches) {
+    if (file_exists(rolled)) {  // committed, rename not done yet: roll forward
+      return use(rolled, Reader(rolled));
+    }
+    SMP_THROW(CheckpointError, "mixed checkpoint: '", path, "' belongs to save id '",
+              file_id.empty() ? std::string("<none: not written by this save>") : file_id,
+              "' but the manifest '", manifest_path, "' names save id '", m.save_id,
+              "' for it; the files come from different saves (copied together, or written "
+              "by a save that did not complete). Restore the checkpoint from one save or "
+              "save it again");
+  }
+  return use(path, std::move(reader));
+}
+
 Resolved resolve(const std::string& f, bool partial) {
   Resolved out;
   if (!partial) {
@@ -108,75 +193,31 @@ Resolved resolve(const std::string& f, bool partial) {
             "first (this rank's part is named after its pp/tp ranks)");
   const int pp = pp_rank(), tp = tp_rank(), rdp = rdp_rank();
 
-  std::string manifest_path;
-  const std::optional<Manifest> manifest = find_manifest(f, &manifest_path);
-
-  if (manifest) {
-    const Manifest& m = *manifest;
-    SMP_CHECK(!m.by_name, CheckpointError, "checkpoint '", f, "' was rewritten offline by "
-              "smp-checkpoint reshard (manifest '", manifest_path, "'): its parts hold tensors by "
-              "name, not each rank's state; smp::ckpt::load reads a job's own parts only. Load "
-              "it from Python with smp.load(f, partial=True), which reads it by name");
-    SMP_CHECK(!layout_differs(m),
-              CheckpointError, "checkpoint '", f, "' was saved with pipeline_parallel_degree ",
-              m.pp_size, ", tensor_parallel_degree ", m.tp_size,
-              m.v3 ? detail::str(" and rdp_size ", m.rdp_size, " (sharded optimizer state)")
-                   : std::string(),
-              " (manifest '", manifest_path, "') but this job has ", pp_size(), ", ", tp_size(),
-              m.v3 ? detail::str(" and rdp_size ", rdp_size()) : std::string(),
-              "; smp::ckpt::load reads a partial checkpoint only on the layout it was saved "
-              "with. Load it from Python with smp.load(f, partial=True), which reshards it "
-              "(docs/api.md, \"Resharding\"), or with the saved degrees");
-    const ManifestFile* entry = m.find(pp, tp, rdp);
-    SMP_CHECK(entry != nullptr, CorruptCheckpointError, "checkpoint manifest '", manifest_path,
-              "' lists no part for pp_rank ", pp, ", tp_rank ", tp, ", rdp_rank ", rdp,
-              " although its layout matches this job; restore it from a good copy or save again");
-    const std::string dir = parent_dir(manifest_path);
-    check_complete(m, manifest_path);
-    const std::string path = join_dir(dir, entry->name);
-    const std::string rolled = temporary_file_name(path, m.save_id);
-    out.save_id = m.save_id;
-    // Part identity: the ranks the part's own index records must be this rank's
-    // (which the manifest entry, found by them, names too).
-    auto use = [&](const std::string& p, Reader reader) -> Resolved {
-      if (reader.has_index()) {
-        check_part_identity(reader.index(), p, pp, tp, entry->rdp_rank ? rdp : -1,
-                            detail::str("the manifest '", manifest_path, "' (entry '",
-                                        entry->name, "') and this rank (",
-                                        describe_rank(rank()), ")"));
+  // A save to this name may commit while we look (a new manifest, parts
+  // renamed from their temporaries): we read only what a manifest commits and
+  // start again when it changed under us, so a reader racing a save gets the
+  // old checkpoint or the new one, never a mix or a vanished temporary.
+  for (int attempt = 1;; ++attempt) {
+    std::string manifest_path;
+    const std::optional<Manifest> manifest = find_manifest(f, &manifest_path);
+    if (!manifest) break;
+    try {
+      return resolve_committed(f, *manifest, manifest_path, pp, tp, rdp);
+    } catch (const CheckpointError&) {
+      std::string again_path;
+      std::optional<Manifest> again;
+      try {
+        again = find_manifest(f, &again_path);
+      } catch (const std::exception&) {
       }
-      out.path = p;
-      out.reader.emplace(std::move(reader));
-      return std::move(out);
-    };
-    if (!file_exists(path)) {
-      if (file_exists(rolled)) return use(rolled, Reader(rolled));
-      throw_missing_part(f, path, detail::str(" (listed in manifest '", manifest_path,
-                                              "', save id ", m.save_id, ")"));
+      const bool moved = again && again->save_id != manifest->save_id;
+      // Once more in any case: a part renamed between two looks at it.
+      if (attempt >= 20 || !(moved || attempt == 1)) throw;
+      SMP_LOG(kDebug, "smp.load('", f, "'): the checkpoint changed while resolving it (save id ",
+              manifest->save_id, " -> ", again ? again->save_id : std::string("none"),
+              "); trying again");
+      std::this_thread::sleep_for(std::chrono::milliseconds(attempt));
     }
-    Reader reader(path);
-    std::string file_id;
-    if (reader.has_index()) {
-      auto it = reader.index().info.find("save_id");
-      if (it != reader.index().info.end()) file_id = it->second;
-    }
-    const bool matches = entry->smp_index
-                             ? file_id == m.save_id
-                             : (!reader.has_index() && [&] {
-                                 return internal::File::open_read(path).size() == entry->bytes;
-                               }());
-    if (!matches) {
-      if (file_exists(rolled)) {  // committed, rename not done yet: roll forward
-        return use(rolled, Reader(rolled));
-      }
-      SMP_THROW(CheckpointError, "mixed checkpoint: '", path, "' belongs to save id '",
-                file_id.empty() ? std::string("<none: not written by this save>") : file_id,
-                "' but the manifest '", manifest_path, "' names save id '", m.save_id,
-                "' for it; the files come from different saves (copied together, or written "
-                "by a save that did not complete). Restore the checkpoint from one save or "
-                "save it again");
-    }
-    return use(path, std::move(reader));
   }
 
   for (const auto& c : partial_candidates(f, pp, tp, rdp)) {
@@ -227,7 +268,7 @@ std::string resolve_load_path(const std::string& f, bool partial, LoadStats* sta
     stats->file = r.path;
     stats->smp_index = r.reader->has_index();
     stats->save_id = r.save_id;
-    stats->bytes = internal::File::open_read(r.path).size();
+    stats->bytes = r.bytes ? r.bytes : internal::File::open_read(r.path).size();
     stats->open_seconds = since(t0);
   }
   return r.path;
@@ -244,7 +285,7 @@ Value load(const std::string& f, const LoadOptions& options, LoadStats* stats) {
   st.open_seconds = since(t0);
   ReadStats rs;
   Value v = r.reader->read_object(options.read, &rs);
-  st.bytes = internal::File::open_read(r.path).size();
+  st.bytes = r.bytes ? r.bytes : internal::File::open_read(r.path).size();
   st.read_seconds = rs.read_seconds;
   st.profile = rs.profile;
   st.deserialize_seconds = rs.unpickle_seconds + rs.build_seconds;

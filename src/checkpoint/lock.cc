@@ -20,6 +20,18 @@ namespace internal {
 
 std::string lock_file_name(const std::string& f) { return f + ".smp_lock"; }
 
+bool lock_is_held(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  int rc;
+  do {
+    rc = ::flock(fd, LOCK_EX | LOCK_NB);
+  } while (rc != 0 && errno == EINTR);
+  const bool held = rc != 0 && errno == EWOULDBLOCK;
+  ::close(fd);  // releases our probe lock, if we got it
+  return held;
+}
+
 SaveLock::~SaveLock() { release(); }
 
 void SaveLock::release() {

@@ -13,6 +13,10 @@ namespace internal {
 /// while a save holds it, or after a save was killed, until the next save).
 std::string lock_file_name(const std::string& f);
 
+/// True when a live process holds the flock on `path` (false when the file
+/// does not exist, or exists unlocked: left by a killed save).
+bool lock_is_held(const std::string& path);
+
 /// An exclusive flock(2) on a lock file, released (and the file removed) by
 /// release() or the destructor; the process's death releases it too, so a
 /// crashed save never blocks the next one.

@@ -19,6 +19,7 @@ exit wait for the save in flight, and its error surfaces there (once).
 import atexit
 import logging
 import os
+import re
 import shutil
 import time
 
@@ -426,6 +427,53 @@ def _update_newest(path, folder_name, num_kept_partial_checkpoints):
             shutil.rmtree(old_dir)
 
 
+def _commit_partial_folder(staging, folder):
+    """Rank 0, once every save in the staging folder committed: the staging
+    folder becomes `folder` in one step (the previous one, if any, is removed)."""
+    old = _C.ckpt_replace_directory(staging, folder, f"{staging}.old")
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+_ABANDONED = re.compile(r".+_partial\.tmp-[0-9a-f]+(\.old)?$")
+
+
+def clean_abandoned_checkpoints(path):
+    """Removes what interrupted smp.save_checkpoint calls left in `path`: staging
+    folders "<tag>_partial.tmp-<id>" (and their ".old" copies) whose lock file
+    no live process holds, stale lock files and temporaries of `newest`.
+    Returns the removed folder names.
+    Called by rank 0 at the start of every partial save_checkpoint into `path`."""
+    removed = []
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        full = os.path.join(path, name)
+        if _ABANDONED.match(name) and os.path.isdir(full):
+            lock = (full[:-len(".old")] if name.endswith(".old") else full) + ".smp_lock"
+            if _C.ckpt_lock_is_held(lock):
+                continue  # a live save (this job's async one, or another job's)
+            shutil.rmtree(full, ignore_errors=True)
+            removed.append(name)
+        elif name.startswith("newest.tmp-"):  # `newest` is written by rank 0 of one job
+            try:
+                os.unlink(full)
+            except OSError:
+                pass
+        elif name.endswith(".smp_lock") and _ABANDONED.match(name[:-len(".smp_lock")]):
+            if not os.path.isdir(full[:-len(".smp_lock")]) and not _C.ckpt_lock_is_held(full):
+                try:
+                    os.unlink(full)
+                except OSError:
+                    pass
+    if removed:
+        logger.info("smp.save_checkpoint: removed %d abandoned staging folder(s) in '%s': %s",
+                    len(removed), path, ", ".join(removed))
+    return removed
+
+
 def _run_jobs(jobs):
     stats = None
     for obj, f, partial, v3, suffix in jobs:
@@ -477,25 +525,44 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
     if partial:
         folder_name = f"{tag}_partial"
         folder = os.path.join(path, folder_name)
-        os.makedirs(folder, exist_ok=True)
-        barrier()
+        # Written into a staging folder "<tag>_partial.tmp-<id>" (locked by rank 0
+        # while the save lives) and put under its name in one step once every
+        # save in it committed: an earlier checkpoint of the same tag survives,
+        # model and optimizer together, until the new one is complete.
+        stage_lock = None
+        staging = None
+        if _C.rank() == 0:
+            os.makedirs(path, exist_ok=True)
+            clean_abandoned_checkpoints(path)
+            staging = f"{folder}.tmp-{os.urandom(8).hex()}"
+            stage_lock = _C.SaveLock()
+            # The name is new: nothing else waits for this lock; a cleanup of
+            # another save_checkpoint into `path` sees it held and skips the folder.
+            stage_lock.acquire(staging + ".smp_lock", 60.0,
+                               f"smp.save_checkpoint('{path}', '{tag}')")
+            os.makedirs(staging)
+        staging = allgather(staging, CommGroup.WORLD)[0]
         if model is not None and _C.rdp_rank() == 0:
-            jobs.append((model.local_state_dict(), os.path.join(folder, "model"), True, False,
+            jobs.append((model.local_state_dict(), os.path.join(staging, "model"), True, False,
                          ".pt"))
         if optimizer is not None and (sharded or _C.rdp_rank() == 0):
             # Each rdp rank saves its own shard (v3), tensors where they are.
             osd = (optimizer.local_state_dict(cast_to_cpu=False, gather_if_shard=False)
                    if isinstance(optimizer, DistributedOptimizer) else optimizer.local_state_dict())
-            jobs.append((osd, os.path.join(folder, "optimizer_states"), True, sharded, ".pt"))
+            jobs.append((osd, os.path.join(staging, "optimizer_states"), True, sharded, ".pt"))
         if _C.rank() == 0:
             if user_content is not None:
-                jobs.append((user_content, os.path.join(folder, "user_content.pt"), False, False,
+                jobs.append((user_content, os.path.join(staging, "user_content.pt"), False, False,
                              ""))
             cfg = dict(_C.config())
             cfg.update(_layout())
-            jobs.append((cfg, os.path.join(folder, "smp_config.pt"), False, False, ""))
+            jobs.append((cfg, os.path.join(staging, "smp_config.pt"), False, False, ""))
             keep = num_kept_partial_checkpoints
-            finish = lambda: _update_newest(path, folder_name, keep)  # noqa: E731
+
+            def finish(staging=staging, lock=stage_lock):
+                _commit_partial_folder(staging, folder)
+                _update_newest(path, folder_name, keep)
+                lock.release()
     else:
         os.makedirs(path, exist_ok=True)
         barrier()
@@ -540,7 +607,13 @@ def save_checkpoint(path, tag, partial=True, model=None, optimizer=None, user_co
         if finish is not None:
             finish()
         return AsyncSaveHandle(stats=stats or {})
-    _run_jobs(jobs)
+    try:
+        _run_jobs(jobs)
+    except BaseException:
+        if partial and _C.rank() == 0:  # every participant raises too: drop the staging folder
+            shutil.rmtree(staging, ignore_errors=True)
+            stage_lock.release()
+        raise
     barrier()
     if finish is not None:
         finish()
@@ -596,6 +669,15 @@ def resume_from_checkpoint(path, tag=None, partial=True, strict=True, load_optim
     if partial:
         folder = os.path.join(path, folder_name)
         if not os.path.isdir(folder):
+            prefix = os.path.basename(folder) + ".tmp-"
+            staged = sorted(n for n in (os.listdir(path) if os.path.isdir(path) else ())
+                            if n.startswith(prefix))
+            if staged:
+                raise CheckpointError(
+                    f"smp.resume_from_checkpoint: checkpoint folder '{folder}' does not exist: "
+                    f"its save was interrupted before it completed (only its staging folder "
+                    f"{', '.join(repr(os.path.join(path, n)) for n in staged)} exists, which "
+                    "the next save_checkpoint removes); load an earlier tag")
             raise CheckpointError(f"smp.resume_from_checkpoint: checkpoint folder '{folder}' "
                                   "does not exist; check path and tag")
         # The saved layout is checked once, against the manifest, by smp.load
