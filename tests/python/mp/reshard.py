@@ -11,6 +11,7 @@ load: builds the model with another initialisation on another layout, loads
 the checkpoint with smp.load(partial=True) and the unchanged load_state_dict
 calls, checks that the loaded model and optimizer state equal the saved ones
 bit for bit, that same_partition_load=True is refused naming both layouts,
+that rdp replicas read the bytes they share once per group (cooperative read),
 and that one more step gives the uninterrupted run's parameters (atol 1e-6).
 Prints "reshard OK <rank>".
 """
@@ -183,6 +184,33 @@ def full_optimizer(optimizer):
     return merged
 
 
+def tensor_bytes(x):
+    if torch.is_tensor(x):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(tensor_bytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(tensor_bytes(v) for v in x)
+    return 0
+
+
+def check_cooperative(ckpt):
+    """rdp replicas read the bytes they share once per RDP_GROUP: together they
+    read less than each reading all its tensors (the model bytes once, not
+    rdp_size times)."""
+    stats = smp.checkpoint.last_load_stats
+    check("cooperative" in stats, f"resharded load with rdp_size {smp.rdp_size()} did not read "
+                                  f"cooperatively: {stats}")
+    check(stats["cooperative"]["group_size"] == smp.rdp_size(), f"group {stats['cooperative']}")
+    model_bytes = tensor_bytes(ckpt["model_state_dict"])
+    rows = smp.allgather((stats["bytes"], tensor_bytes(ckpt["model_state_dict"])
+                          + tensor_bytes(ckpt["optimizer_state_dict"]["state"])), smp.RDP_GROUP)
+    read, own = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    check(read <= own - (smp.rdp_size() - 1) * model_bytes,
+          f"the rdp group read {read} bytes for {own} bytes of state ({model_bytes} model bytes "
+          f"per replica)")
+
+
 def layout_name():
     return f"pp{smp.pp_size()}tp{smp.tp_size()}rdp{smp.rdp_size()}"
 
@@ -227,6 +255,8 @@ def main():
                       and "saved with" in text, f"same_partition_load=True error: {text}")
             else:
                 check(False, "same_partition_load=True on a changed layout did not raise")
+        if smp.rdp_size() > 1:
+            check_cooperative(ckpt)
         model.load_state_dict(ckpt["model_state_dict"], same_partition_load=False)
         optimizer.load_state_dict(ckpt["optimizer_state_dict"])
     if MODE == "load":
