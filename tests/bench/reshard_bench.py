@@ -99,14 +99,18 @@ def worker(mode, d, pp, tp):
         local = sum(t.numel() * t.element_size() for t in model.local_parameters()) * 3
         stats = smp.checkpoint.last_load_stats or {}
         read = stats.get("read_bytes", local) if "resharded_from" in stats else local
+        phases = {k: stats.get(k, 0.0) for k in ("plan_seconds", "read_seconds")}
+        phases["broadcast_seconds"] = stats.get("cooperative", {}).get("broadcast_seconds", 0.0)
         rows = smp.allgather({"seconds": seconds, "peak_growth": mem.peak - mem.base,
-                              "state_bytes": local, "read_bytes": read}, smp.WORLD)
+                              "state_bytes": local, "read_bytes": read, **phases}, smp.WORLD)
         if smp.rank() == 0:
             print("RESULT " + json.dumps({
                 "layout": f"pp{pp} x tp{tp} x rdp{smp.rdp_size()}"
                           + ("" if os.environ.get("SMP_RESHARD_COOPERATIVE", "1") != "0"
                              else " indep"), "device": device_type,
                 "read_bytes_max": max(r["read_bytes"] for r in rows),
+                **{k: max(r[k] for r in rows)
+                   for k in ("plan_seconds", "read_seconds", "broadcast_seconds")},
                 "seconds": max(r["seconds"] for r in rows),
                 "peak_growth_max": max(r["peak_growth"] for r in rows),
                 "state_bytes_max": max(r["state_bytes"] for r in rows)}), flush=True)
@@ -148,6 +152,10 @@ def main():
                   f"{r['seconds'] / base:>8.2f}{r['peak_growth_max'] / 1e6:>10.1f}"
                   f"{r['state_bytes_max'] / 1e6:>10.1f}{r['read_bytes_max'] / 1e6:>10.1f}"
                   f"{r['state_bytes_max'] / 1e6 / r['seconds']:>10.1f}")
+        print("phases of the resharded loads (slowest rank each): "
+              + "; ".join(f"{r['layout']}: plan {r['plan_seconds']:.3f} s, read "
+                          f"{r['read_seconds']:.3f} s, broadcast {r['broadcast_seconds']:.3f} s"
+                          for r in rows if not r["layout"].startswith("pp2 x tp2")))
         print("(the same-layout rows are pp2 x tp2; ratio = load time / best same-layout time; "
               "peak MB = largest per-rank RSS growth during smp.load + load_state_dict; state MB = "
               "largest per-rank parameters + Adam moments; read MB = largest per-rank bytes read "
