@@ -195,7 +195,66 @@ void bind_reshard(py::module_& m) {
           py::arg("tp_rank") = 0, py::arg("rdp_rank") = 0, py::arg("threads") = 4,
           py::arg("buffer_bytes") = std::uint64_t{8} << 20,
           "Plans and reads targets [(name, global_shape, split_dim, num_shards, shard_index)] "
-          "into `tensors` (contiguous CPU, the saved dtype); returns stats.");
+          "into `tensors` (contiguous CPU, the saved dtype); returns stats.")
+      .def(
+          "load_group",
+          [](const ckpt::ReshardSource& s, const py::list& members, std::size_t me,
+             const std::vector<at::Tensor>& out, int threads, std::uint64_t buffer_bytes) {
+            std::vector<ckpt::TargetRank> ranks;
+            for (const py::handle& m : members) {
+              auto mt = m.cast<py::tuple>();
+              ckpt::TargetRank r;
+              r.pp_rank = mt[0].cast<int>();
+              r.tp_rank = mt[1].cast<int>();
+              r.rdp_rank = mt[2].cast<int>();
+              for (const py::handle& h : mt[3]) {
+                auto t = h.cast<py::tuple>();
+                ckpt::TargetTensor tt;
+                tt.name = t[0].cast<std::string>();
+                tt.spec = spec_from(t[1], t[2], t[3].cast<int>(), t[4].cast<int>());
+                r.tensors.push_back(std::move(tt));
+              }
+              ranks.push_back(std::move(r));
+            }
+            SMP_CHECK(me < ranks.size() && ranks[me].tensors.size() == out.size(), ConfigError,
+                      "ReshardSource.load_group: member ", me, " of ", ranks.size(),
+                      " does not have one target per tensor (", out.size(), " tensors)");
+            std::vector<void*> dst;
+            for (std::size_t i = 0; i < out.size(); ++i) {
+              const at::Tensor& x = out[i];
+              const ckpt::TargetTensor& tt = ranks[me].tensors[i];
+              SMP_CHECK(x.device().is_cpu() && x.is_contiguous() &&
+                            x.sizes().vec() == tt.spec.local_shape(),
+                        ConfigError, "ReshardSource.load_group: the buffer of '", tt.name,
+                        "' must be a contiguous CPU tensor of shape ",
+                        py::str(py::cast(tt.spec.local_shape())).cast<std::string>());
+              dst.push_back(x.data_ptr());
+            }
+            ckpt::ReshardOptions o;
+            o.threads = threads;
+            o.buffer_bytes = buffer_bytes;
+            ckpt::ReshardStats st;
+            std::vector<ckpt::SharedChunk> chunks;
+            std::vector<std::size_t> chunk_tensor;
+            {
+              py::gil_scoped_release release;
+              st = s.load_group(ranks, me, dst, o, &chunks, &chunk_tensor);
+            }
+            py::dict d = stats_dict(st);
+            py::list cl;
+            for (std::size_t c = 0; c < chunks.size(); ++c) {
+              cl.append(py::make_tuple(chunk_tensor[c], chunks[c].row_begin, chunks[c].row_end,
+                                       chunks[c].reader));
+            }
+            d["chunks"] = cl;
+            return d;
+          },
+          py::arg("members"), py::arg("me"), py::arg("tensors"), py::arg("threads") = 4,
+          py::arg("buffer_bytes") = std::uint64_t{8} << 20,
+          "Cooperative load of a group: members [(pp_rank, tp_rank, rdp_rank, targets)] (the "
+          "same list on every member), `me` this rank's index; reads this member's share into "
+          "`tensors` (its targets' buffers, saved dtype). stats['chunks'] lists (tensor index, "
+          "row_begin, row_end, reader) to broadcast from `reader` within the group, in order.");
 }
 
 }  // namespace smp::python

@@ -233,6 +233,12 @@ class Planner {
   }
 
   const std::map<std::string, Entry>& entries() const { return entries_; }
+  bool holds(const std::string& name) const { return entries_.count(name) != 0; }
+  TensorPlan plan_rows(const TargetRank& target, const TargetTensor& t, std::int64_t row_begin,
+                       std::int64_t row_end) const {
+    RankPlan unused;
+    return plan_tensor(target, t, unused, row_begin, row_end);
+  }
 
   RankPlan plan(const TargetRank& target) const {
     RankPlan out;
@@ -248,7 +254,10 @@ class Planner {
   const SavedTensor& tensor(const Copy& c) const { return saved_.parts[c.part].tensors[c.tensor]; }
   const SavedPart& part(const Copy& c) const { return saved_.parts[c.part]; }
 
-  TensorPlan plan_tensor(const TargetRank& target, const TargetTensor& t, RankPlan& out) const {
+  /// Plans rows [row_begin, row_end) along dim 0 of `t` (row_end < 0: every
+  /// row); destination offsets stay those of the whole local tensor.
+  TensorPlan plan_tensor(const TargetRank& target, const TargetTensor& t, RankPlan& out,
+                         std::int64_t row_begin = 0, std::int64_t row_end = -1) const {
     auto where = [&] { return detail::str("tensor '", t.name, "' of ", target_str(target)); };
     check_spec(t.spec, nullptr, t.element_size, where);
     TensorPlan tp;
@@ -280,8 +289,14 @@ class Planner {
               " has dtype ", t.dtype, " (", t.element_size, " bytes) but the checkpoint holds ",
               ref.dtype, " (", ref.element_size, " bytes) in ", part_str(part(e.copies.front())),
               "; convert the model to the saved dtype before loading, then cast");
-    const Box want = box_of(t.spec);
-    if (want.empty()) return tp;
+    const Box full = box_of(t.spec);
+    if (full.empty()) return tp;
+    Box want = full;
+    if (row_end >= 0 && !want.lo.empty()) {
+      want.lo[0] = full.lo[0] + row_begin;
+      want.hi[0] = full.lo[0] + row_end;
+      if (want.empty()) return tp;
+    }
 
     // Candidate splits of the saved tensor, best first; the first one whose
     // shards cover `want` is used.
@@ -321,7 +336,7 @@ class Planner {
       const Box have = box_of(src.spec);
       const Box piece = intersect(have, want);
       if (piece.empty()) continue;
-      ReadOp op = box_copy(piece, have, want, t.element_size);
+      ReadOp op = box_copy(piece, have, full, t.element_size);
       op.part = c.part;
       op.tensor = c.tensor;
       tp.reads.push_back(std::move(op));
@@ -405,7 +420,118 @@ class Planner {
   std::map<std::string, Entry> entries_;
 };
 
+/// What makes two members' tensors the same bytes.
+using SameKey = std::tuple<std::string, std::string, std::size_t, Shape, int, int, int>;
+
+SameKey same_key(const TargetTensor& t) {
+  const LayoutKey k = layout_of(t.spec);
+  return {t.name, t.dtype, t.element_size, t.spec.global_shape, k.first, k.second,
+          shard_of(t.spec)};
+}
+
 }  // namespace
+
+GroupPlan plan_group(const SavedCheckpoint& saved, const std::vector<TargetRank>& members,
+                     const PlanOptions& options) {
+  Planner planner(saved, options);
+  GroupPlan out;
+  const std::size_t n = members.size();
+  out.chunk_tensor.resize(n);
+  // Shared tensors: needed by every member with the same key (first
+  // occurrence of a key in each member).
+  std::vector<std::map<SameKey, std::size_t>> index(n);
+  for (std::size_t m = 0; m < n; ++m) {
+    for (std::size_t i = 0; i < members[m].tensors.size(); ++i) {
+      index[m].emplace(same_key(members[m].tensors[i]), i);
+    }
+  }
+  struct Shared {
+    std::size_t tensor;  // in members[0]
+    std::uint64_t nbytes, row_bytes;
+    std::int64_t rows;
+  };
+  std::vector<Shared> shared;
+  std::vector<std::set<std::size_t>> is_shared(n);
+  std::uint64_t total = 0;
+  if (n > 1) {
+    for (std::size_t i = 0; i < members[0].tensors.size(); ++i) {
+      const TargetTensor& t = members[0].tensors[i];
+      const SameKey key = same_key(t);
+      if (index[0].at(key) != i || !planner.holds(t.name)) continue;
+      bool everywhere = true;
+      for (std::size_t m = 1; m < n && everywhere; ++m) everywhere = index[m].count(key) != 0;
+      if (!everywhere) continue;
+      const Shape ls = t.spec.local_shape();
+      std::int64_t numel = 1;
+      for (std::int64_t e : ls) numel *= e;
+      const std::uint64_t nbytes = static_cast<std::uint64_t>(numel) * t.element_size;
+      if (nbytes == 0) continue;  // nothing to read or send
+      const std::int64_t rows = ls.empty() ? 1 : ls[0];
+      shared.push_back({i, nbytes, nbytes / static_cast<std::uint64_t>(rows), rows});
+      for (std::size_t m = 0; m < n; ++m) is_shared[m].insert(index[m].at(key));
+      total += nbytes;
+    }
+  }
+  // Member k reads the rows starting in bytes [k * total / n, (k + 1) * total / n)
+  // of the shared tensors laid end to end.
+  std::uint64_t base = 0;
+  for (const Shared& s : shared) {
+    const TargetTensor& t = members[0].tensors[s.tensor];
+    std::int64_t row = 0;
+    while (row < s.rows) {
+      const auto start = static_cast<unsigned __int128>(base + row * s.row_bytes);
+      const int reader = static_cast<int>(start * n / total);
+      // First row whose start belongs to the next reader.
+      const auto limit = (static_cast<unsigned __int128>(reader) + 1) * total;
+      std::int64_t end = row + 1;
+      while (end < s.rows &&
+             static_cast<unsigned __int128>(base + end * s.row_bytes) * n < limit) {
+        ++end;
+      }
+      SharedChunk c;
+      c.name = t.name;
+      c.row_begin = row;
+      c.row_end = end;
+      c.byte_begin = static_cast<std::uint64_t>(row) * s.row_bytes;
+      c.byte_end = static_cast<std::uint64_t>(end) * s.row_bytes;
+      c.reader = reader;
+      out.chunks.push_back(std::move(c));
+      for (std::size_t m = 0; m < n; ++m) {
+        out.chunk_tensor[m].push_back(index[m].at(same_key(t)));
+      }
+      row = end;
+    }
+    base += s.nbytes;
+  }
+  for (std::size_t m = 0; m < n; ++m) {
+    const TargetRank& target = members[m];
+    RankPlan rp;
+    rp.pp_rank = target.pp_rank;
+    rp.tp_rank = target.tp_rank;
+    rp.rdp_rank = target.rdp_rank;
+    for (std::size_t i = 0; i < target.tensors.size(); ++i) {
+      const TargetTensor& t = target.tensors[i];
+      if (is_shared[m].count(i) == 0) {
+        RankPlan one = planner.plan(TargetRank{target.pp_rank, target.tp_rank, target.rdp_rank,
+                                               {t}});
+        rp.tensors.push_back(std::move(one.tensors.front()));
+        for (std::string& name : one.missing) rp.missing.push_back(std::move(name));
+        continue;
+      }
+      TensorPlan tp = planner.plan_rows(target, t, 0, 0);
+      tp.reads.clear();
+      for (std::size_t c = 0; c < out.chunks.size(); ++c) {
+        const SharedChunk& ch = out.chunks[c];
+        if (out.chunk_tensor[m][c] != i || ch.reader != static_cast<int>(m)) continue;
+        TensorPlan part = planner.plan_rows(target, t, ch.row_begin, ch.row_end);
+        for (ReadOp& op : part.reads) tp.reads.push_back(std::move(op));
+      }
+      rp.tensors.push_back(std::move(tp));
+    }
+    out.ranks.push_back(std::move(rp));
+  }
+  return out;
+}
 
 RankPlan plan_load(const SavedCheckpoint& saved, const TargetRank& target,
                    const PlanOptions& options) {

@@ -207,27 +207,61 @@ const SavedTensor* ReshardSource::find(const std::string& name) const {
   return &impl_->saved.parts[p].tensors[t];
 }
 
-ReshardStats ReshardSource::load(const TargetRank& target_in, const std::vector<void*>& dst,
-                                 const ReshardOptions& options) const {
-  const Impl& im = *impl_;
-  SMP_CHECK(dst.size() == target_in.tensors.size(), ConfigError, "ReshardSource::load: ",
-            dst.size(), " destination buffers for ", target_in.tensors.size(), " target tensors");
-  ReshardStats st;
-  auto t0 = Clock::now();
-  TargetRank target = target_in;
+namespace {
+
+TargetRank with_saved_dtypes(const ReshardSource& src, TargetRank target) {
   for (TargetTensor& t : target.tensors) {
     if (!t.dtype.empty()) continue;
-    if (const SavedTensor* s = find(t.name)) {
+    if (const SavedTensor* s = src.find(t.name)) {
       t.dtype = s->dtype;
       t.element_size = s->element_size;
     }
   }
+  return target;
+}
+
+}  // namespace
+
+ReshardStats ReshardSource::load(const TargetRank& target_in, const std::vector<void*>& dst,
+                                 const ReshardOptions& options) const {
+  SMP_CHECK(dst.size() == target_in.tensors.size(), ConfigError, "ReshardSource::load: ",
+            dst.size(), " destination buffers for ", target_in.tensors.size(), " target tensors");
+  const auto t0 = Clock::now();
   PlanOptions po;
   po.allow_missing = options.allow_missing;
-  const RankPlan plan = plan_load(im.saved, target, po);
+  const RankPlan plan = plan_load(impl_->saved, with_saved_dtypes(*this, target_in), po);
+  return read(plan, dst, options, since(t0));
+}
+
+ReshardStats ReshardSource::load_group(const std::vector<TargetRank>& members_in,
+                                       std::size_t me, const std::vector<void*>& dst,
+                                       const ReshardOptions& options,
+                                       std::vector<SharedChunk>* chunks,
+                                       std::vector<std::size_t>* chunk_tensor) const {
+  SMP_CHECK(me < members_in.size(), ConfigError, "ReshardSource::load_group: member ", me,
+            " of a group of ", members_in.size());
+  SMP_CHECK(dst.size() == members_in[me].tensors.size(), ConfigError,
+            "ReshardSource::load_group: ", dst.size(), " destination buffers for ",
+            members_in[me].tensors.size(), " target tensors");
+  const auto t0 = Clock::now();
+  std::vector<TargetRank> members;
+  members.reserve(members_in.size());
+  for (const TargetRank& m : members_in) members.push_back(with_saved_dtypes(*this, m));
+  PlanOptions po;
+  po.allow_missing = options.allow_missing;
+  GroupPlan plan = plan_group(impl_->saved, members, po);
+  if (chunks != nullptr) *chunks = std::move(plan.chunks);
+  if (chunk_tensor != nullptr) *chunk_tensor = std::move(plan.chunk_tensor[me]);
+  return read(plan.ranks[me], dst, options, since(t0));
+}
+
+ReshardStats ReshardSource::read(const RankPlan& plan, const std::vector<void*>& dst,
+                                 const ReshardOptions& options, double plan_seconds) const {
+  const Impl& im = *impl_;
+  ReshardStats st;
   st.missing = plan.missing;
-  st.plan_seconds = since(t0);
-  t0 = Clock::now();
+  st.plan_seconds = plan_seconds;
+  const auto t0 = Clock::now();
 
   struct Work {
     const ReadOp* op;

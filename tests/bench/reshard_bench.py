@@ -9,7 +9,9 @@ and each rank's peak host memory growth during the load (RSS sampled every 2 ms)
 Environment: SMP_BENCH_GB (model parameters in GB, whole model, default 0.25; the
 checkpoint holds them plus Adam's two moments), SMP_BENCH_DIR (default: a new
 temp dir), SMP_BENCH_DEVICE (cuda when available, else cpu; with fewer GPUs than
-the 4 ranks, run on cpu and say so), SMP_BENCH_NP (ranks, default 4).
+the 4 ranks, run on cpu and say so), SMP_BENCH_NP (ranks, default 4). The pp1 x tp1 load runs twice: cooperative
+(the default: each byte read once per rdp replica group, then broadcast) and
+with SMP_RESHARD_COOPERATIVE=0 (each replica reads everything), for comparison.
 Internally: reshard_bench.py <save|load> <dir> <pp> <tp> under mpirun.
 """
 
@@ -95,25 +97,35 @@ def worker(mode, d, pp, tp):
             optimizer.load_state_dict(ckpt["optimizer_state_dict"])
             seconds = time.perf_counter() - t0
         local = sum(t.numel() * t.element_size() for t in model.local_parameters()) * 3
+        stats = smp.checkpoint.last_load_stats or {}
+        read = stats.get("read_bytes", local) if "resharded_from" in stats else local
+        phases = {k: stats.get(k, 0.0) for k in ("plan_seconds", "read_seconds")}
+        phases["broadcast_seconds"] = stats.get("cooperative", {}).get("broadcast_seconds", 0.0)
         rows = smp.allgather({"seconds": seconds, "peak_growth": mem.peak - mem.base,
-                              "state_bytes": local}, smp.WORLD)
+                              "state_bytes": local, "read_bytes": read, **phases}, smp.WORLD)
         if smp.rank() == 0:
             print("RESULT " + json.dumps({
-                "layout": f"pp{pp} x tp{tp} x rdp{smp.rdp_size()}", "device": device_type,
+                "layout": f"pp{pp} x tp{tp} x rdp{smp.rdp_size()}"
+                          + ("" if os.environ.get("SMP_RESHARD_COOPERATIVE", "1") != "0"
+                             else " indep"), "device": device_type,
+                "read_bytes_max": max(r["read_bytes"] for r in rows),
+                **{k: max(r[k] for r in rows)
+                   for k in ("plan_seconds", "read_seconds", "broadcast_seconds")},
                 "seconds": max(r["seconds"] for r in rows),
                 "peak_growth_max": max(r["peak_growth"] for r in rows),
                 "state_bytes_max": max(r["state_bytes"] for r in rows)}), flush=True)
     smp.shutdown()
 
 
-def mpirun(np, *args):
+def mpirun(np, *args, cooperative=True):
     cmd = ["mpirun", "-np", str(np), "--oversubscribe"]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     env = dict(os.environ)
+    env["SMP_RESHARD_COOPERATIVE"] = "1" if cooperative else "0"
     env["PYTHONPATH"] = os.path.join(REPO, "python") + (
         os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd += ["-x", "PYTHONPATH", sys.executable, os.path.abspath(__file__), *map(str, args)]
+    cmd += ["-x", "PYTHONPATH", "-x", "SMP_RESHARD_COOPERATIVE", sys.executable, os.path.abspath(__file__), *map(str, args)]
     out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, timeout=1800)
     if out.returncode != 0:
@@ -129,19 +141,27 @@ def main():
     try:
         mpirun(np, "save", d, 2, 2)
         rows = []
-        for pp, tp in ((2, 2), (1, 4), (1, 1), (2, 2)):
-            rows += mpirun(np, "load", d, pp, tp)
+        for pp, tp, coop in ((2, 2, True), (1, 4, True), (1, 1, True), (1, 1, False),
+                             (2, 2, True)):
+            rows += mpirun(np, "load", d, pp, tp, cooperative=coop)
         base = min(r["seconds"] for r in rows if r["layout"].startswith("pp2 x tp2"))
-        print(f"{'layout':<22}{'device':<8}{'load s':>10}{'ratio':>8}{'peak MB':>10}"
-              f"{'state MB':>10}{'MB/s':>10}")
+        print(f"{'layout':<28}{'device':<8}{'load s':>10}{'ratio':>8}{'peak MB':>10}"
+              f"{'state MB':>10}{'read MB':>10}{'MB/s':>10}")
         for r in rows:
-            print(f"{r['layout']:<22}{r['device']:<8}{r['seconds']:>10.3f}"
+            print(f"{r['layout']:<28}{r['device']:<8}{r['seconds']:>10.3f}"
                   f"{r['seconds'] / base:>8.2f}{r['peak_growth_max'] / 1e6:>10.1f}"
-                  f"{r['state_bytes_max'] / 1e6:>10.1f}"
+                  f"{r['state_bytes_max'] / 1e6:>10.1f}{r['read_bytes_max'] / 1e6:>10.1f}"
                   f"{r['state_bytes_max'] / 1e6 / r['seconds']:>10.1f}")
+        print("phases of the resharded loads (slowest rank each): "
+              + "; ".join(f"{r['layout']}: plan {r['plan_seconds']:.3f} s, read "
+                          f"{r['read_seconds']:.3f} s, broadcast {r['broadcast_seconds']:.3f} s"
+                          for r in rows if not r["layout"].startswith("pp2 x tp2")))
         print("(the same-layout rows are pp2 x tp2; ratio = load time / best same-layout time; "
               "peak MB = largest per-rank RSS growth during smp.load + load_state_dict; state MB = "
-              "largest per-rank parameters + Adam moments; MB/s = state MB / load s)")
+              "largest per-rank parameters + Adam moments; read MB = largest per-rank bytes read "
+              "from the files (state MB on the same layout); 'indep' = "
+              "SMP_RESHARD_COOPERATIVE=0, every rdp replica reads everything itself; "
+              "MB/s = state MB / load s)")
     finally:
         if not os.environ.get("SMP_BENCH_DIR"):
             shutil.rmtree(d, ignore_errors=True)

@@ -1,5 +1,7 @@
 """Resharding partial checkpoints (issue 12): save on one layout, smp.load(partial=True)
 on another, one more step equals the uninterrupted run on the saving layout (atol 1e-6),
+for a model with tensor-parallel Embeddings (vocabulary and embedding-dim splits),
+Linears and a transformer layer (smp.nn.DistributedTransformerLayer), uneven splits included,
 and the loaded model and optimizer state equal the saved ones bit for bit
 (tests/python/mp/reshard.py).
 

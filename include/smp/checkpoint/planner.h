@@ -211,5 +211,45 @@ RankPlan plan_load(const SavedCheckpoint& saved, const TargetRank& target,
 LoadPlan plan_load(const SavedCheckpoint& saved, const std::vector<TargetRank>& targets,
                    const PlanOptions& options = {});
 
+/// Cooperative reading: one piece of a tensor that every member of a group
+/// needs with the same shard spec and dtype (rdp replicas; tp ranks for a
+/// replicated tensor): rows [row_begin, row_end) along dim 0 of the target
+/// local tensor (a scalar has one row), i.e. its contiguous bytes
+/// [byte_begin, byte_end). Member `reader` reads it from the files; the
+/// others receive it from the reader (a broadcast within the group).
+struct SharedChunk {
+  std::string name;
+  std::int64_t row_begin = 0;
+  std::int64_t row_end = 0;
+  std::uint64_t byte_begin = 0;
+  std::uint64_t byte_end = 0;
+  /// Index of the reading member in the group.
+  int reader = 0;
+};
+
+/// The plan of a group of target ranks that load together.
+struct GroupPlan {
+  /// One plan per member, in member order. A member's TensorPlan of a shared
+  /// tensor holds only the reads of the chunks it reads (its other bytes come
+  /// by broadcast); a tensor only it needs is planned as plan_load does.
+  std::vector<RankPlan> ranks;
+  /// Every shared tensor's chunks: the shared tensors in the order of the
+  /// first member's tensors, rows ascending. Every member broadcasts them in
+  /// this order.
+  std::vector<SharedChunk> chunks;
+  /// chunk_tensor[m][c]: index of chunks[c]'s tensor in members[m].tensors.
+  std::vector<std::vector<std::size_t>> chunk_tensor;
+};
+
+/// Plans a group of target ranks so that each byte range the members share is
+/// read from disk once per group: the shared bytes (tensors every member needs
+/// with the same name, spec and dtype, and some file holds) are cut into one
+/// contiguous range per member, at row boundaries, in the order of the first
+/// member's tensors, and each range is read by its member alone. Tensors not
+/// shared are read by the member needing them. Every member computes the same
+/// plan from the same `members`; with one member it equals plan_load.
+GroupPlan plan_group(const SavedCheckpoint& saved, const std::vector<TargetRank>& members,
+                     const PlanOptions& options = {});
+
 }  // namespace ckpt
 }  // namespace smp

@@ -10,7 +10,9 @@
 /// Opening reads the manifest and each part's index (no tensor data). load()
 /// plans with plan_load (planner.h) and reads only the byte ranges the plan
 /// names, through a bounded buffer per worker thread: peak memory is the
-/// target tensors plus threads * ReshardOptions::buffer_bytes. Tensors are
+/// target tensors plus threads * ReshardOptions::buffer_bytes. load_group()
+/// splits the bytes several ranks need among them (each read once per group,
+/// then broadcast by the caller; docs/design.md, "Cooperative reads"). Tensors are
 /// found by their full name, recorded at save time in each file's index
 /// (info key kTensorNamesInfoKey; docs/file_format.md, "Shard records").
 
@@ -95,7 +97,21 @@ class ReshardSource {
   ReshardStats load(const TargetRank& target, const std::vector<void*>& dst,
                     const ReshardOptions& options = {}) const;
 
+  /// Cooperative load: `members` are the target ranks of a group that loads
+  /// together (every member passes the same list), `me` this rank's index in
+  /// it. Plans with plan_group and reads only this member's share: its own
+  /// tensors and the shared chunks it is the reader of. The caller then
+  /// broadcasts every chunk of `*chunks` from its reader within the group, in
+  /// order (`(*chunk_tensor)[c]`: index of chunk c's tensor in dst), to
+  /// complete the shared tensors. Empty dtypes take the saved ones.
+  ReshardStats load_group(const std::vector<TargetRank>& members, std::size_t me,
+                          const std::vector<void*>& dst, const ReshardOptions& options,
+                          std::vector<SharedChunk>* chunks,
+                          std::vector<std::size_t>* chunk_tensor) const;
+
  private:
+  ReshardStats read(const RankPlan& plan, const std::vector<void*>& dst,
+                    const ReshardOptions& options, double plan_seconds) const;
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

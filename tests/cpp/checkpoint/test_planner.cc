@@ -1,12 +1,14 @@
 // The resharding planner (smp::ckpt::plan_load): a property test over every
 // pair of layouts pp x tp x rdp <= 8 (pp, tp in {1, 2, 4}) of a synthetic model,
 // executing each plan with memcpy over source buffers filled with every
-// element's global index; the compact form of the copies; replica choice; and
-// the error messages.
+// element's global index; the cooperative group plans (plan_group: every shared
+// element read once per group, every member receiving everything); the compact
+// form of the copies; replica choice; and the error messages.
 #include <gtest/gtest.h>
 
 #include "test_util.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -329,6 +331,176 @@ TEST(Planner, EveryPairOfLayoutsCoversEveryElementOnce) {
 }
 
 // ---- the shape of the copies -------------------------------------------------
+
+/// Executes a group plan: every member's reads, then the chunks' broadcasts
+/// (the reader's bytes copied into every other member). Checks that each
+/// element of a shared tensor is read by exactly one member, each element of
+/// a member's own tensor by that member once, that every member ends with the
+/// right values, and that the shared bytes are balanced (each member reads at
+/// most its share plus one row).
+void check_group(const SavedCheckpoint& ck, const std::vector<TargetRank>& members,
+                 const GroupPlan& plan,
+                 const std::vector<std::vector<std::vector<std::uint8_t>>>& src,
+                 const std::string& context) {
+  const auto& id = ids();
+  const std::size_t n = members.size();
+  ASSERT_EQ(plan.ranks.size(), n) << context;
+  ASSERT_EQ(plan.chunk_tensor.size(), n) << context;
+  std::vector<std::vector<std::vector<std::uint8_t>>> dst(n);
+  std::vector<std::vector<std::vector<int>>> reads(n);  // per member, tensor, element
+  for (std::size_t m = 0; m < n; ++m) {
+    ASSERT_EQ(plan.ranks[m].tensors.size(), members[m].tensors.size()) << context;
+    for (std::size_t k = 0; k < members[m].tensors.size(); ++k) {
+      const TargetTensor& t = members[m].tensors[k];
+      const std::int64_t e = numel(t.spec.local_shape());
+      dst[m].emplace_back(e * t.element_size, 0xAB);
+      reads[m].emplace_back(e, 0);
+      for (const ReadOp& op : plan.ranks[m].tensors[k].reads) {
+        ASSERT_EQ(ck.parts[op.part].tensors[op.tensor].name, t.name) << context;
+        const auto& buf = src[op.part][op.tensor];
+        ASSERT_LE(op.src_end(), buf.size()) << context;
+        const std::size_t es = t.element_size;
+        for_each_run(op, [&](std::uint64_t s, std::uint64_t d, std::uint64_t len) {
+          ASSERT_LE(d + len, dst[m][k].size()) << context;
+          std::memcpy(&dst[m][k][d], &buf[s], len);
+          for (std::uint64_t x = d / es; x < (d + len) / es; ++x) ++reads[m][k][x];
+        });
+      }
+    }
+  }
+  // Shared elements: read by exactly one member; then broadcast.
+  std::map<std::pair<std::size_t, std::size_t>, bool> shared;  // (member, tensor)
+  std::vector<std::uint64_t> shared_read(n, 0);
+  std::uint64_t shared_total = 0, max_row = 0;
+  for (std::size_t c = 0; c < plan.chunks.size(); ++c) {
+    const SharedChunk& ch = plan.chunks[c];
+    ASSERT_GE(ch.reader, 0) << context;
+    ASSERT_LT(static_cast<std::size_t>(ch.reader), n) << context;
+    ASSERT_LT(ch.row_begin, ch.row_end) << context;
+    const std::size_t rk = plan.chunk_tensor[ch.reader][c];
+    const TargetTensor& rt = members[ch.reader].tensors[rk];
+    ASSERT_EQ(rt.name, ch.name) << context;
+    const std::size_t es = rt.element_size;
+    ASSERT_LE(ch.byte_end, dst[ch.reader][rk].size()) << context;
+    for (std::uint64_t x = ch.byte_begin / es; x < ch.byte_end / es; ++x) {
+      int total = 0;
+      for (std::size_t m = 0; m < n; ++m) total += reads[m][plan.chunk_tensor[m][c]][x];
+      ASSERT_EQ(total, 1) << context << ": shared " << ch.name << " element " << x;
+    }
+    shared_read[ch.reader] += ch.byte_end - ch.byte_begin;
+    shared_total += ch.byte_end - ch.byte_begin;
+    max_row = std::max<std::uint64_t>(
+        max_row, (ch.byte_end - ch.byte_begin) / static_cast<std::uint64_t>(ch.row_end - ch.row_begin));
+    for (std::size_t m = 0; m < n; ++m) {
+      const std::size_t k = plan.chunk_tensor[m][c];
+      ASSERT_EQ(members[m].tensors[k].name, ch.name) << context;
+      shared[{m, k}] = true;
+      if (m == static_cast<std::size_t>(ch.reader)) continue;
+      std::memcpy(&dst[m][k][ch.byte_begin], &dst[ch.reader][rk][ch.byte_begin],
+                  ch.byte_end - ch.byte_begin);
+    }
+  }
+  for (std::size_t m = 0; m < n; ++m) {
+    EXPECT_LE(shared_read[m], shared_total / n + max_row + 1) << context << " member " << m;
+    for (std::size_t k = 0; k < members[m].tensors.size(); ++k) {
+      const TargetTensor& t = members[m].tensors[k];
+      const std::size_t es = t.element_size;
+      const auto global = global_indices(t.spec);
+      for (std::size_t x = 0; x < global.size(); ++x) {
+        if (!shared.count({m, k})) {
+          ASSERT_EQ(reads[m][k][x], 1) << context << ": own " << t.name << " element " << x;
+        }
+        ASSERT_EQ(load(&dst[m][k][x * es], es), value_of(id.at(t.name), global[x]))
+            << context << " member " << m << " " << t.name << " element " << x;
+      }
+    }
+  }
+}
+
+TEST(Planner, GroupsReadEverySharedElementOnce) {
+  // Groups of the target layout: rdp replicas (same pp and tp rank), and every
+  // rank of one pipeline stage (tp x rdp: only replicated tensors are shared).
+  // "owned": each member keeps the odd-numbered tensors it owns (id % rdp),
+  // as sharded optimizer state does.
+  const auto layouts = all_layouts();
+  int groups = 0;
+  for (Mode mode : {Mode::kV2, Mode::kOwned}) {
+    for (const Layout& from : layouts) {
+      const SavedCheckpoint ck = save(from, mode);
+      const auto src = fill(ck);
+      for (const Layout& to : layouts) {
+        for (bool owned : {false, true}) {
+          for (bool stage : {false, true}) {
+            const std::string context = std::string(str(mode)) + " " + str(from) + " -> " +
+                                        str(to) + (owned ? " owned" : "") +
+                                        (stage ? " stage group" : " rdp group");
+            std::map<std::pair<int, int>, std::vector<TargetRank>> by_group;
+            for (TargetRank t : targets(to)) {
+              if (owned) {
+                std::vector<TargetTensor> kept;
+                for (const TargetTensor& x : t.tensors) {
+                  const int i = ids().at(x.name);
+                  if (i % 2 == 0 || i % to.rdp == t.rdp_rank) kept.push_back(x);
+                }
+                t.tensors = std::move(kept);
+              }
+              by_group[{t.pp_rank, stage ? 0 : t.tp_rank}].push_back(std::move(t));
+            }
+            for (const auto& [key, members] : by_group) {
+              GroupPlan plan;
+              try {
+                plan = plan_group(ck, members);
+              } catch (const Error& e) {
+                FAIL() << context << ": " << e.what();
+              }
+              check_group(ck, members, plan, src, context);
+              if (HasFatalFailure()) return;
+              // Deterministic: planning again gives the same chunks and reads.
+              const GroupPlan again = plan_group(ck, members);
+              ASSERT_EQ(again.chunks.size(), plan.chunks.size()) << context;
+              for (std::size_t c = 0; c < plan.chunks.size(); ++c) {
+                EXPECT_EQ(again.chunks[c].reader, plan.chunks[c].reader) << context;
+                EXPECT_EQ(again.chunks[c].row_begin, plan.chunks[c].row_begin) << context;
+              }
+              if (members.size() == 1) {
+                // One member: the same plan as plan_load.
+                const RankPlan one = plan_load(ck, members[0]);
+                for (std::size_t k = 0; k < one.tensors.size(); ++k) {
+                  ASSERT_EQ(one.tensors[k].reads, plan.ranks[0].tensors[k].reads) << context;
+                }
+                EXPECT_TRUE(plan.chunks.empty()) << context;
+              } else if (!owned && !stage) {
+                EXPECT_FALSE(plan.chunks.empty()) << context;
+              }
+              ++groups;
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(groups, 0);
+}
+
+TEST(Planner, GroupOfFourReplicasSplitsTheBytes) {
+  // pp1 x tp1 x rdp4 loading a pp2 x tp2 save: each replica reads a quarter.
+  const SavedCheckpoint ck = save({2, 2, 1}, Mode::kV2);
+  const auto members = targets({1, 1, 4});
+  const GroupPlan plan = plan_group(ck, members);
+  std::vector<std::uint64_t> bytes(4, 0);
+  std::uint64_t total = 0;
+  for (std::size_t m = 0; m < 4; ++m) {
+    for (const TensorPlan& t : plan.ranks[m].tensors) {
+      for (const ReadOp& op : t.reads) bytes[m] += op.bytes();
+    }
+  }
+  for (const TensorPlan& t : plan_load(ck, members[0]).tensors) total += t.nbytes;
+  EXPECT_EQ(bytes[0] + bytes[1] + bytes[2] + bytes[3], total);
+  for (std::uint64_t b : bytes) {
+    EXPECT_GT(b, total / 8);
+    EXPECT_LT(b, total / 2);
+  }
+}
 
 SavedCheckpoint one_tensor(const Shape& shape, int dim, int shards, std::size_t es = 4) {
   SavedCheckpoint ck;

@@ -11,10 +11,12 @@ load: builds the model with another initialisation on another layout, loads
 the checkpoint with smp.load(partial=True) and the unchanged load_state_dict
 calls, checks that the loaded model and optimizer state equal the saved ones
 bit for bit, that same_partition_load=True is refused naming both layouts,
+that rdp replicas read the bytes they share once per group (cooperative read),
 and that one more step gives the uninterrupted run's parameters (atol 1e-6).
 Prints "reshard OK <rank>".
 """
 
+import math
 import os
 import sys
 
@@ -57,6 +59,46 @@ class Mid(torch.nn.Module):
         return torch.relu(self.fc(x))
 
 
+class Block(torch.nn.Module):
+    """A pre-LayerNorm transformer layer with the parameter names of
+    smp.nn.DistributedTransformerLayer, which replaces it under tp > 1:
+    query/key/value and output.dense1 split by output, attention.dense and
+    output.dense2 by input (their biases on tp rank 0 only), LayerNorms
+    replicated; intermediate 10 is uneven under tp 4. No dropout."""
+
+    def __init__(self, hidden=8, heads=4, head_size=2, inter=10):
+        super().__init__()
+        self.heads, self.hd = heads, head_size
+        a = heads * head_size
+        self.attention = torch.nn.Module()
+        self.attention.pre_layernorm = torch.nn.LayerNorm(hidden, eps=1e-5)
+        for name in ("query", "key", "value"):
+            setattr(self.attention, name, torch.nn.Linear(hidden, a))
+        self.attention.dense = torch.nn.Linear(a, hidden)
+        self.output = torch.nn.Module()
+        self.output.pre_layernorm = torch.nn.LayerNorm(hidden, eps=1e-5)
+        self.output.dense1 = torch.nn.Linear(hidden, inter)
+        self.output.dense2 = torch.nn.Linear(inter, hidden)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        at = self.attention
+        h = at.pre_layernorm(x)
+        split = lambda t: t.reshape(b, s, self.heads, self.hd).transpose(1, 2)  # noqa: E731
+        q, k, v = split(at.query(h)), split(at.key(h)), split(at.value(h))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.hd)
+        ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1)
+        r1 = x + at.dense(ctx)
+        out = self.output
+        return r1 + out.dense2(F.gelu(out.dense1(out.pre_layernorm(r1))))
+
+
+def block_init_hook(hidden=8, heads=4, head_size=2, inter=10):
+    return (), dict(num_attention_heads=heads, attention_head_size=head_size, hidden_size=hidden,
+                    intermediate_size=inter, attention_dropout_prob=0.0, hidden_dropout_prob=0.0,
+                    activation="gelu", pre_layernorm=True, post_layernorm=False)
+
+
 class Head(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -70,19 +112,27 @@ class Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = Embed()
+        with smp.tensor_parallelism():  # records Block's arguments for the replacement
+            self.block = Block()
         self.mid1 = Mid(8, 10)
         self.mid2 = Mid(10, 6)  # 10 inputs: uneven under tp 4
         self.head = Head()
 
     def forward(self, ids):
-        return self.head(self.mid2(self.mid1(self.embed(ids))))
+        return self.head(self.mid2(self.mid1(self.block(self.embed(ids)))))
 
 
 def build(seed):
+    smp.tp_register_with_module(Block, smp.nn.DistributedTransformerLayer,
+                                init_hook=block_init_hook)
     torch.manual_seed(seed)
     model = smp.DistributedModel(Net())
     if OPT == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        # eps 1e-3: attention.key.bias has a zero gradient in exact arithmetic
+        # (softmax ignores a per-query constant), so its gradient is rounding
+        # noise that differs between layouts; Adam's default eps (1e-8) would
+        # turn that noise into lr-sized steps, eps 1e-3 keeps them negligible.
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-3)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=5e-2, momentum=0.9)
     return model, smp.DistributedOptimizer(opt)
@@ -134,6 +184,33 @@ def full_optimizer(optimizer):
     return merged
 
 
+def tensor_bytes(x):
+    if torch.is_tensor(x):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(tensor_bytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(tensor_bytes(v) for v in x)
+    return 0
+
+
+def check_cooperative(ckpt):
+    """rdp replicas read the bytes they share once per RDP_GROUP: together they
+    read less than each reading all its tensors (the model bytes once, not
+    rdp_size times)."""
+    stats = smp.checkpoint.last_load_stats
+    check("cooperative" in stats, f"resharded load with rdp_size {smp.rdp_size()} did not read "
+                                  f"cooperatively: {stats}")
+    check(stats["cooperative"]["group_size"] == smp.rdp_size(), f"group {stats['cooperative']}")
+    model_bytes = tensor_bytes(ckpt["model_state_dict"])
+    rows = smp.allgather((stats["bytes"], tensor_bytes(ckpt["model_state_dict"])
+                          + tensor_bytes(ckpt["optimizer_state_dict"]["state"])), smp.RDP_GROUP)
+    read, own = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    check(read <= own - (smp.rdp_size() - 1) * model_bytes,
+          f"the rdp group read {read} bytes for {own} bytes of state ({model_bytes} model bytes "
+          f"per replica)")
+
+
 def layout_name():
     return f"pp{smp.pp_size()}tp{smp.tp_size()}rdp{smp.rdp_size()}"
 
@@ -178,6 +255,8 @@ def main():
                       and "saved with" in text, f"same_partition_load=True error: {text}")
             else:
                 check(False, "same_partition_load=True on a changed layout did not raise")
+        if smp.rdp_size() > 1:
+            check_cooperative(ckpt)
         model.load_state_dict(ckpt["model_state_dict"], same_partition_load=False)
         optimizer.load_state_dict(ckpt["optimizer_state_dict"])
     if MODE == "load":
