@@ -21,6 +21,9 @@ import torch
 
 from conftest import PYTHON_DIR, REPO_ROOT, run_mpi
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp"))
+from reshard_block import Block  # noqa: E402
+
 pytestmark = pytest.mark.mpi
 TIMEOUT = 240
 VOCAB, CLASSES = 11, 3
@@ -46,6 +49,7 @@ class PlainNet(torch.nn.Module):
         self.embed = torch.nn.Module()
         self.embed.vocab = torch.nn.Embedding(VOCAB, 3)
         self.embed.dim = torch.nn.Embedding(VOCAB, 5)
+        self.block = Block()
         self.mid1 = torch.nn.Module()
         self.mid1.fc = torch.nn.Linear(8, 10)
         self.mid2 = torch.nn.Module()
@@ -55,6 +59,7 @@ class PlainNet(torch.nn.Module):
 
     def forward(self, ids):
         x = torch.cat([self.embed.vocab(ids), self.embed.dim(ids)], dim=-1)
+        x = self.block(x)
         x = torch.relu(self.mid2.fc(torch.relu(self.mid1.fc(x))))
         return self.head.out(x).mean(dim=1)
 

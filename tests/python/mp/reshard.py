@@ -16,7 +16,6 @@ and that one more step gives the uninterrupted run's parameters (atol 1e-6).
 Prints "reshard OK <rank>".
 """
 
-import math
 import os
 import sys
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import smp
+from reshard_block import Block
 
 MODE, DIR = sys.argv[1], sys.argv[2]
 PP, TP, SHARD, OPT = int(sys.argv[3]), int(sys.argv[4]), bool(int(sys.argv[5])), sys.argv[6]
@@ -57,40 +57,6 @@ class Mid(torch.nn.Module):
 
     def forward(self, x):
         return torch.relu(self.fc(x))
-
-
-class Block(torch.nn.Module):
-    """A pre-LayerNorm transformer layer with the parameter names of
-    smp.nn.DistributedTransformerLayer, which replaces it under tp > 1:
-    query/key/value and output.dense1 split by output, attention.dense and
-    output.dense2 by input (their biases on tp rank 0 only), LayerNorms
-    replicated; intermediate 10 is uneven under tp 4. No dropout."""
-
-    def __init__(self, hidden=8, heads=4, head_size=2, inter=10):
-        super().__init__()
-        self.heads, self.hd = heads, head_size
-        a = heads * head_size
-        self.attention = torch.nn.Module()
-        self.attention.pre_layernorm = torch.nn.LayerNorm(hidden, eps=1e-5)
-        for name in ("query", "key", "value"):
-            setattr(self.attention, name, torch.nn.Linear(hidden, a))
-        self.attention.dense = torch.nn.Linear(a, hidden)
-        self.output = torch.nn.Module()
-        self.output.pre_layernorm = torch.nn.LayerNorm(hidden, eps=1e-5)
-        self.output.dense1 = torch.nn.Linear(hidden, inter)
-        self.output.dense2 = torch.nn.Linear(inter, hidden)
-
-    def forward(self, x):
-        b, s, _ = x.shape
-        at = self.attention
-        h = at.pre_layernorm(x)
-        split = lambda t: t.reshape(b, s, self.heads, self.hd).transpose(1, 2)  # noqa: E731
-        q, k, v = split(at.query(h)), split(at.key(h)), split(at.value(h))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.hd)
-        ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1)
-        r1 = x + at.dense(ctx)
-        out = self.output
-        return r1 + out.dense2(F.gelu(out.dense1(out.pre_layernorm(r1))))
 
 
 def block_init_hook(hidden=8, heads=4, head_size=2, inter=10):
