@@ -22,7 +22,7 @@ import torch
 from conftest import PYTHON_DIR, REPO_ROOT, run_mpi
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp"))
-from reshard_block import Block  # noqa: E402
+from transformer_block import Block  # noqa: E402
 
 pytestmark = pytest.mark.mpi
 TIMEOUT = 240

@@ -19,7 +19,6 @@
 # Sizes are chosen so that tp 4 splits unevenly (hidden 10, vocab 13).
 #
 # MODEL_EQUIVALENCE_DEVICE=cuda runs on GPU local_rank (NCCL; tests/python/gpu).
-import math
 import os
 import sys
 import traceback
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 import smp
 from smp import _C
+from transformer_block import Block
 
 STEPS = 5
 ATOL = 1e-5
@@ -44,37 +44,6 @@ def device():
 
 
 # ---- the model -----------------------------------------------------------------
-
-class Block(torch.nn.Module):
-    """A pre-LayerNorm transformer layer with the parameter names of
-    smp.nn.DistributedTransformerLayer (so its state dict loads there)."""
-
-    def __init__(self, hidden, heads, head_size, inter):
-        super().__init__()
-        self.heads, self.hd = heads, head_size
-        a = heads * head_size
-        self.attention = torch.nn.Module()
-        self.attention.pre_layernorm = torch.nn.LayerNorm(hidden, eps=1e-5)
-        for name in ("query", "key", "value"):
-            setattr(self.attention, name, torch.nn.Linear(hidden, a))
-        self.attention.dense = torch.nn.Linear(a, hidden)
-        self.output = torch.nn.Module()
-        self.output.pre_layernorm = torch.nn.LayerNorm(hidden, eps=1e-5)
-        self.output.dense1 = torch.nn.Linear(hidden, inter)
-        self.output.dense2 = torch.nn.Linear(inter, hidden)
-
-    def forward(self, x):
-        b, s, _ = x.shape
-        at = self.attention
-        h = at.pre_layernorm(x)
-        split = lambda t: t.reshape(b, s, self.heads, self.hd).transpose(1, 2)  # noqa: E731
-        q, k, v = split(at.query(h)), split(at.key(h)), split(at.value(h))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.hd)
-        ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1)
-        r1 = x + at.dense(ctx)
-        out = self.output
-        return r1 + out.dense2(F.gelu(out.dense1(out.pre_layernorm(r1))))
-
 
 def block_init_hook(hidden, heads, head_size, inter):
     """Block's constructor arguments -> DistributedTransformerLayer's."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import smp
-from reshard_block import Block
+from transformer_block import Block
 
 MODE, DIR = sys.argv[1], sys.argv[2]
 PP, TP, SHARD, OPT = int(sys.argv[3]), int(sys.argv[4]), bool(int(sys.argv[5])), sys.argv[6]

@@ -1,6 +1,7 @@
-"""The transformer layer of the resharding tests' model, in plain torch (no
-smp): tests/python/mp/reshard.py replaces it under tp > 1, and
-test_checkpoint_cli.py's unwrapped model uses it as is."""
+"""A pre-LayerNorm transformer layer in plain torch (no smp), with the
+parameter names of smp.nn.DistributedTransformerLayer: the reference model of
+model_equivalence.py, the layer reshard.py replaces under tp > 1, and part of
+test_checkpoint_cli.py's unwrapped model."""
 
 import math
 
